@@ -1,0 +1,148 @@
+"""The public op: argument checks, the ``torch.library`` custom op and its autograd."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .checks import check_decode_inputs, check_inputs
+from .chunk import chunk_forward, chunk_forward_varlen, compute_dtype, default_chunk_size
+from .decode import decode_step
+from .state import DecodeBuffer, RetentionState, sympow_dim
+
+
+def _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
+    init = None if S0 is None else RetentionState(S0, z0)
+    if cu_seqlens is None:
+        return chunk_forward(q, k, v, log_gate, init, deg=deg, scale=scale, chunk_size=chunk_size)
+    return chunk_forward_varlen(q, k, v, log_gate, init, cu_seqlens, deg=deg, scale=scale,
+                                chunk_size=chunk_size)
+
+
+@torch.library.custom_op("power_retention::forward", mutates_args=())
+def _forward(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None, S0: Tensor | None,
+             z0: Tensor | None, cu_seqlens: Tensor | None, deg: int, scale: float,
+             chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    o, final = _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size)
+    # custom-op outputs may not alias inputs (an empty sequence returns its initial state)
+    return o, final.S.clone(), final.z.clone()
+
+
+@_forward.register_fake
+def _(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
+    B, T, Hq, d = q.shape
+    Hk, e = k.shape[2], v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    D, dt = sympow_dim(d, deg), compute_dtype(q.dtype)
+    return (q.new_empty(B, T, Hq, e), q.new_empty(N, Hk, D, e, dtype=dt),
+            q.new_empty(N, Hk, D, dtype=dt))
+
+
+@torch.library.custom_op("power_retention::backward", mutates_args=())
+def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tensor, v: Tensor,
+              log_gate: Tensor | None, S0: Tensor | None, z0: Tensor | None,
+              cu_seqlens: Tensor | None, deg: int, scale: float,
+              chunk_size: int) -> list[Tensor]:
+    # Recompute the forward and differentiate it, rather than storing its intermediates.
+    # torch.func.vjp works here, where the custom op runs below the autograd dispatch key.
+    inputs = [x for x in (q, k, v, log_gate, S0, z0) if x is not None]
+
+    def forward(*xs):
+        it = iter(xs)
+        q_, k_, v_ = next(it), next(it), next(it)
+        g_ = next(it) if log_gate is not None else None
+        S_ = next(it) if S0 is not None else None
+        z_ = next(it) if z0 is not None else None
+        o, final = _run(q_, k_, v_, g_, S_, z_, cu_seqlens, deg, scale, chunk_size)
+        return o, final.S, final.z
+
+    _, vjp = torch.func.vjp(forward, *inputs)
+    grads = vjp((grad_o, grad_S, grad_z))
+    # custom-op outputs may not alias inputs or each other (a gradient can pass straight through)
+    taken = {x.untyped_storage().data_ptr() for x in (grad_o, grad_S, grad_z, *inputs)}
+    out = []
+    for g in grads:
+        if g.untyped_storage().data_ptr() in taken:
+            g = g.clone()
+        taken.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return out
+
+
+@_backward.register_fake
+def _(grad_o, grad_S, grad_z, q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
+    return [torch.empty_like(x) for x in (q, k, v, log_gate, S0, z0) if x is not None]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.params = inputs[7:]
+
+
+def _autograd_backward(ctx, grad_o, grad_S, grad_z):
+    q, k, v, log_gate, S0, z0, cu_seqlens = ctx.saved_tensors
+    grads = iter(_backward(grad_o.contiguous(), grad_S.contiguous(), grad_z.contiguous(), q, k, v,
+                           log_gate, S0, z0, cu_seqlens, *ctx.params))
+    dq, dk, dv = next(grads), next(grads), next(grads)
+    dg = next(grads) if log_gate is not None else None
+    dS = next(grads) if S0 is not None else None
+    dz = next(grads) if z0 is not None else None
+    return dq, dk, dv, dg, dS, dz, None, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def power_retention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None = None, *,
+                    deg: int = 2, scale: float | None = None, chunk_size: int | None = None,
+                    initial_state: RetentionState | None = None, output_final_state: bool = False,
+                    cu_seqlens: Tensor | None = None
+                    ) -> Tensor | tuple[Tensor, RetentionState]:
+    """Power retention: attention with weights ``(scale * q.k)**deg * exp(G_i - G_j)``.
+
+    ``y_i = sum_{j<=i} w_ij v_j / sum_{j<=i} w_ij`` (0 where the denominator is 0), computed in
+    chunks with a fixed-size recurrent state between them (see DESIGN.md).
+
+    Args:
+        q: ``[B, T, Hq, d]`` float16, bfloat16, float32 or float64.
+        k: ``[B, T, Hk, d]``, dtype of ``q``; ``Hq`` must be a multiple of ``Hk`` (GQA: query
+            head ``h`` reads KV head ``h // (Hq // Hk)``).
+        v: ``[B, T, Hk, e]``, dtype of ``q``; ``e`` may differ from ``d``.
+        log_gate: ``[B, T, Hk]`` float32 log-space gates ``<= 0`` (e.g. ``logsigmoid``), or
+            None for no decay.
+        deg: even degree ``>= 2``.
+        scale: multiplies ``q`` before the power; default ``d ** -0.5``.
+        chunk_size: tokens per chunk; changes speed only, never the result. None picks one.
+        initial_state: :class:`RetentionState` with ``S [N, Hk, D, e]``, ``z [N, Hk, D]``
+            float32 (float64 for float64 inputs), ``N = B`` or the number of packed sequences,
+            ``D = sympow_dim(d, deg)``; decayed by the gates like any earlier token.
+        output_final_state: also return the state after each sequence's last token.
+        cu_seqlens: ``[N + 1]`` int32/int64 offsets of packed sequences in a ``B == 1`` batch,
+            as flash-attn's varlen API; each sequence is processed independently.
+
+    Returns:
+        ``o [B, T, Hq, e]`` in the dtype of ``q``; with ``output_final_state``, ``(o, state)``.
+    """
+    deg, scale = check_inputs(q, k, v, log_gate, deg, scale, chunk_size, initial_state,
+                              cu_seqlens)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(q.shape[1])
+    S0, z0 = (None, None) if initial_state is None else initial_state
+    o, S, z = _forward(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size)
+    return (o, RetentionState(S, z)) if output_final_state else o
+
+
+def power_retention_decode(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None,
+                           state: RetentionState, buffer: DecodeBuffer | None = None, *,
+                           deg: int = 2, scale: float | None = None, chunk_size: int = 64
+                           ) -> tuple[Tensor, RetentionState, DecodeBuffer]:
+    """Process ``n`` new tokens per sequence against ``state`` and the recent-token ``buffer``.
+
+    Shapes as :func:`power_retention` with ``T = n`` (usually 1) and ``state`` of ``N = B``.
+    Returns ``(o [B, n, Hq, e], state, buffer)``; once the buffer holds ``chunk_size`` tokens
+    it is folded into the state, so the memory per sequence stays constant. The outputs equal
+    those of :func:`power_retention` over the whole stream.
+    """
+    deg, scale = check_decode_inputs(q, k, v, log_gate, state, buffer, deg, scale, chunk_size)
+    return decode_step(q, k, v, log_gate, state, buffer, deg=deg, scale=scale,
+                       chunk_size=chunk_size)

@@ -1,0 +1,69 @@
+"""Streaming decode (state plus a buffer of recent tokens) equals the parallel op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from power_retention import DecodeBuffer, RetentionState, power_retention, power_retention_decode
+
+from _helpers import make_inputs, make_state, rel_err
+
+
+def _stream(q, k, v, g, state, steps, chunk_size, deg=2):
+    """Feed the sequence through the decoder ``steps`` tokens at a time."""
+    buffer, outs = None, []
+    T = q.shape[1]
+    for start in range(0, T, steps):
+        sl = slice(start, min(T, start + steps))
+        o, state, buffer = power_retention_decode(
+            q[:, sl], k[:, sl], v[:, sl], None if g is None else g[:, sl], state, buffer,
+            deg=deg, chunk_size=chunk_size)
+        assert buffer.k.shape[1] < chunk_size
+        outs.append(o)
+    return torch.cat(outs, 1), state, buffer
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+@pytest.mark.parametrize("gated", [False, True])
+def test_decode_equals_parallel(steps, chunk_size, gated):
+    q, k, v, g = make_inputs(T=37, Hq=4, Hk=2, d=4, e=3, gated=gated)
+    init = make_state(2, 2, 4, 3)
+    ref = power_retention(q, k, v, g, initial_state=init)
+    o, _, _ = _stream(q, k, v, g, init, steps, chunk_size)
+    assert rel_err(o, ref) < 1e-12
+
+
+def test_prefill_then_decode():
+    q, k, v, g = make_inputs(T=50, d=4, e=4)
+    ref, ref_state = power_retention(q, k, v, g, output_final_state=True)
+    _, state = power_retention(q[:, :30], k[:, :30], v[:, :30], g[:, :30], output_final_state=True)
+    o, state, buffer = _stream(q[:, 30:], k[:, 30:], v[:, 30:], g[:, 30:], state, 1, 8)
+    assert rel_err(o, ref[:, 30:]) < 1e-12
+    # folding the remaining buffer reproduces the parallel final state
+    folded = power_retention(buffer.k.new_zeros(2, buffer.k.shape[1], 4, 4), buffer.k, buffer.v,
+                             buffer.log_gate, initial_state=state, output_final_state=True)[1]
+    assert rel_err(folded.S, ref_state.S) < 1e-12 and rel_err(folded.z, ref_state.z) < 1e-12
+
+
+def test_decode_memory_is_constant():
+    q, k, v, g = make_inputs(B=1, T=200, Hq=2, Hk=2, d=4, e=4, dtype=torch.float32)
+    state = RetentionState.zeros(1, 2, 4, 4)
+    sizes = set()
+    buffer = None
+    for i in range(200):
+        _, state, buffer = power_retention_decode(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1],
+                                                  g[:, i:i + 1], state, buffer, chunk_size=16)
+        if i % 16 == 15:
+            sizes.add(sum(x.numel() for x in (*state, *buffer)))
+    assert len(sizes) == 1
+
+
+def test_decode_half_precision_keeps_fp32_state():
+    q, k, v, g = make_inputs(B=1, T=5, Hq=2, Hk=1, d=4, e=4, dtype=torch.bfloat16)
+    state = RetentionState.zeros(1, 1, 4, 4)
+    o, state, buffer = power_retention_decode(q, k, v, g, state, None, chunk_size=4)
+    assert o.dtype == torch.bfloat16 and state.S.dtype == torch.float32
+    assert buffer.k.dtype == torch.bfloat16 and buffer.log_gate.dtype == torch.float32
+    assert isinstance(buffer, DecodeBuffer) and buffer.k.shape[1] == 0   # 5 >= 4: folded
