@@ -65,7 +65,8 @@ def main() -> None:
              "B": B, "T": T, "Hq": H, "Hk": H, "d": d, "e": d, "deg": args.deg,
              "dtype": "float32", "gated": True}
     print(json.dumps({"setup": setup, "results": rows}))
-    print(f"\n{'chunk':>8} {'fwd tok/s':>12} {'fwd+bwd tok/s':>15} {'fwd ms':>9} {'fwd+bwd ms':>11}")
+    print(f"\n{'chunk':>8} {'fwd tok/s':>12} {'fwd+bwd tok/s':>15} {'fwd ms':>9} "
+          f"{'fwd+bwd ms':>11}")
     for r in rows:
         print(f"{r['chunk_size']!s:>8} {r['fwd_tokens_per_s']:>12,.0f} "
               f"{r['fwd_bwd_tokens_per_s']:>15,.0f} {r['fwd_ms']:>9.1f} {r['fwd_bwd_ms']:>11.1f}")
