@@ -182,3 +182,15 @@ def test_one_million_tokens_slow_and_fast_decay(shift):
         ref = _reference_at(q[0, lo:, 0].double(), k[0, lo:, 0].double(), v[0, lo:, 0].double(),
                             G[lo:], [i - lo])
         assert rel_err(o[0, i, 0], ref[0]) < 1e-5
+
+
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_custom_op_registration(with_extras):
+    """Schema, fake implementation and autograd of the custom op agree with its real kernel."""
+    q, k, v, g = make_inputs(B=1, T=9, Hq=2, Hk=1, d=3, e=2, requires_grad=True)
+    init = make_state(2, 1, 3, 2)
+    extras = ((g, init.S.requires_grad_(), init.z.requires_grad_(), torch.tensor([0, 4, 9]))
+              if with_extras else (None, None, None, None))
+    result = torch.library.opcheck(torch.ops.power_retention.forward.default,
+                                   (q, k, v, *extras, 2, 0.5, 4))
+    assert set(result.values()) == {"SUCCESS"}

@@ -62,6 +62,7 @@ def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tens
     taken = {x.untyped_storage().data_ptr() for x in (grad_o, grad_S, grad_z, *inputs)}
     out = []
     for g in grads:
+        g = g.contiguous()      # the fake implementation promises contiguous gradients
         if g.untyped_storage().data_ptr() in taken:
             g = g.clone()
         taken.add(g.untyped_storage().data_ptr())
@@ -71,7 +72,7 @@ def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tens
 
 @_backward.register_fake
 def _(grad_o, grad_S, grad_z, q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
-    return [torch.empty_like(x) for x in (q, k, v, log_gate, S0, z0) if x is not None]
+    return [x.new_empty(x.shape) for x in (q, k, v, log_gate, S0, z0) if x is not None]
 
 
 def _setup_context(ctx, inputs, output):

@@ -85,7 +85,7 @@ def chunk_forward(q, k, v, log_gate, initial_state, *, deg, scale, chunk_size):
     o = o.flatten(1, 2).movedim(1, 3).flatten(1, 2)[:, :T]             # [B, T, Hq, e]
 
     final = RetentionState(state[..., :-1], state[..., -1])
-    return o.to(q.dtype), final
+    return o.to(q.dtype).contiguous(), final
 
 
 def chunk_forward_varlen(q, k, v, log_gate, initial_state, cu_seqlens, *, deg, scale,

@@ -52,4 +52,4 @@ def decode_step(q, k, v, log_gate, state, buffer, *, deg, scale, chunk_size):
         Sz = torch.exp(G_end).unsqueeze(-1) * Sz + phi_k.transpose(-1, -2) @ v1
         state = RetentionState(Sz[..., :-1].to(state.S.dtype), Sz[..., -1].to(state.z.dtype))
         k, v, log_gate = k[:, :0], v[:, :0], log_gate[:, :0]
-    return o.to(q.dtype), state, DecodeBuffer(k, v, log_gate)
+    return o.to(q.dtype).contiguous(), state, DecodeBuffer(k, v, log_gate)
