@@ -12,6 +12,9 @@ import sys
 
 COMMANDS = {
     "demo": ("power_retention.demo", "the main job: a demonstration on the embedded default"),
+    "train": ("power_retention.training.train", "train a causal LM on the embedded corpus"),
+    "icl": ("power_retention.evaluation.icl", "in-context learning curves: loss vs position"),
+    "wsfr": ("power_retention.evaluation.wsfr", "weight-state FLOP ratio of the time mixings"),
 }
 
 

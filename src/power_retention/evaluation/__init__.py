@@ -1,0 +1,1 @@
+"""Evaluation: in-context learning curves and the weight-state FLOP ratio."""
