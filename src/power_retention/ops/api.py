@@ -10,8 +10,20 @@ from .chunk import chunk_forward, chunk_forward_varlen, compute_dtype, default_c
 from .decode import decode_step
 from .state import DecodeBuffer, RetentionState, sympow_dim
 
+try:                                        # the Triton kernels (CUDA, deg 2: see supported)
+    from . import triton as _triton_ops
+except ImportError:                         # no Triton installed: the PyTorch path only
+    _triton_ops = None
+
+
+def _use_triton(q: Tensor, v: Tensor, deg: int) -> bool:
+    """The Triton path runs for CUDA inputs it supports unless ``POWER_RETENTION_IMPL=torch``."""
+    return _triton_ops is not None and _triton_ops.supported(q, v, deg)
+
 
 def _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
+    if chunk_size == 0:                     # 0: the op picks (the PyTorch path a fixed rule)
+        chunk_size = default_chunk_size(q.shape[1])
     init = None if S0 is None else RetentionState(S0, z0)
     if cu_seqlens is None:
         return chunk_forward(q, k, v, log_gate, init, deg=deg, scale=scale, chunk_size=chunk_size)
@@ -23,6 +35,9 @@ def _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
 def _forward(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None, S0: Tensor | None,
              z0: Tensor | None, cu_seqlens: Tensor | None, deg: int, scale: float,
              chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    if _use_triton(q, v, deg):
+        return _triton_ops.forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
+                                   chunk_size or None)
     o, final = _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size)
     # custom-op outputs may not alias inputs (an empty sequence returns its initial state)
     return o, final.S.clone(), final.z.clone()
@@ -43,6 +58,10 @@ def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tens
               log_gate: Tensor | None, S0: Tensor | None, z0: Tensor | None,
               cu_seqlens: Tensor | None, deg: int, scale: float,
               chunk_size: int) -> list[Tensor]:
+    if _use_triton(q, v, deg):
+        grads = _triton_ops.backward(grad_o, grad_S, grad_z, q, k, v, log_gate, S0, z0,
+                                     cu_seqlens, scale, chunk_size or None)
+        return [g.contiguous() for g in grads if g is not None]   # as the fake promises
     # Recompute the forward and differentiate it, rather than storing its intermediates.
     # torch.func.vjp works here, where the custom op runs below the autograd dispatch key.
     inputs = [x for x in (q, k, v, log_gate, S0, z0) if x is not None]
@@ -113,7 +132,9 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None = N
             None for no decay.
         deg: even degree ``>= 2``.
         scale: multiplies ``q`` before the power; default ``d ** -0.5``.
-        chunk_size: tokens per chunk; changes speed only, never the result. None picks one.
+        chunk_size: tokens per chunk; changes speed only, never the result. None picks one
+            (on CUDA the Triton kernels time their candidates once per shape and cache the
+            choice under ``~/.cache/power_retention``); leave it None.
         initial_state: :class:`RetentionState` with ``S [N, Hk, D, e]``, ``z [N, Hk, D]``
             float32 (float64 for float64 inputs), ``N = B`` or the number of packed sequences,
             ``D = sympow_dim(d, deg)``; decayed by the gates like any earlier token.
@@ -123,13 +144,16 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None = N
 
     Returns:
         ``o [B, T, Hq, e]`` in the dtype of ``q``; with ``output_final_state``, ``(o, state)``.
+
+    Implementation: CUDA tensors with ``deg == 2``, ``d`` a multiple of 16 up to 64
+    (128 for float32), ``e <= 128`` and float16/bfloat16/float32 inputs run the Triton kernels
+    of ``ops/triton``; everything else (and any input when the environment variable
+    ``POWER_RETENTION_IMPL=torch`` is set) runs the chunked PyTorch path.
     """
     deg, scale = check_inputs(q, k, v, log_gate, deg, scale, chunk_size, initial_state,
                               cu_seqlens)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(q.shape[1])
     S0, z0 = (None, None) if initial_state is None else initial_state
-    o, S, z = _forward(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size)
+    o, S, z = _forward(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size or 0)
     return (o, RetentionState(S, z)) if output_final_state else o
 
 
@@ -145,5 +169,15 @@ def power_retention_decode(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | N
     those of :func:`power_retention` over the whole stream.
     """
     deg, scale = check_decode_inputs(q, k, v, log_gate, state, buffer, deg, scale, chunk_size)
+    held = 0 if buffer is None else buffer.k.shape[1]
+    # the Triton kernel answers single-token steps that do not fill the buffer; a step that
+    # folds the buffer into the state (once every chunk_size tokens) runs the PyTorch path
+    if q.shape[1] == 1 and held + 1 < chunk_size and _use_triton(q, v, deg):
+        gate = log_gate if log_gate is not None else state.z.new_zeros(*k.shape[:3])
+        if buffer is not None:
+            k, v = torch.cat([buffer.k, k], 1), torch.cat([buffer.v, v], 1)
+            gate = torch.cat([buffer.log_gate.to(gate.dtype), gate], 1)
+        o = _triton_ops.decode_output(q, k, v, gate, state.S, state.z, scale)
+        return o, state, DecodeBuffer(k, v, gate)
     return decode_step(q, k, v, log_gate, state, buffer, deg=deg, scale=scale,
                        chunk_size=chunk_size)

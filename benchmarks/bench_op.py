@@ -1,0 +1,215 @@
+"""Power retention's Triton kernels against cuDNN and flash attention (BENCHMARKS.md protocol).
+
+    PYTHONPATH=src python benchmarks/bench_op.py --out results.json
+
+Standard cases: bf16, 16 heads, d = 64, 65,536 tokens per call (batch = 65,536 / t), gated
+(``logsigmoid(randn + 4)``), p = 2, modes fwd and fwd+bwd; t = 256k and 1M at batch 1 for our
+kernels only; decode time per token per layer at batch 1 and 64. Each timed result is checked
+against the float64 reference on a slice first. Median of ``triton.testing.do_bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from power_retention import DecodeBuffer, power_retention, power_retention_decode, sympow_dim
+from power_retention.ops.naive import attention_reference
+from power_retention.ops.triton import host
+
+HEADS, D_HEAD, TOKENS = 16, 64, 65_536
+HBM_BYTES_PER_S = 4.3e12            # device-to-device copy on the H200 (KINDS.md)
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def retention_flops(tokens: int, chunk: int, mode: str) -> float:
+    """BENCHMARKS.md: per token and head ``4 D e`` (state update and query, exact D) plus
+    ``2 c d`` (causal attention inside a chunk); forward + backward counted as 3x forward."""
+    D = sympow_dim(D_HEAD, 2)
+    fwd = tokens * HEADS * (4 * D * D_HEAD + 2 * chunk * D_HEAD)
+    return fwd * (3 if mode == "fwd+bwd" else 1)
+
+
+def sdpa_flops(batch: int, t: int, mode: str) -> float:
+    """Causal attention: ``2 B H t^2 d`` forward (half of ``4 B H t^2 d``), 3.5x with backward."""
+    fwd = 2 * batch * HEADS * t * t * D_HEAD
+    return fwd * (3.5 if mode == "fwd+bwd" else 1)
+
+
+def make(batch: int, t: int, requires_grad: bool, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (batch, t, HEADS, D_HEAD)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    g = F.logsigmoid(torch.randn(batch, t, HEADS, device="cuda", generator=gen) + 4)
+    return [x.requires_grad_(requires_grad) for x in (q, k, v, g)]
+
+
+def check_slice(o, q, k, v, g) -> float:
+    """Relative error of the first sequence's first (up to) 2,048 outputs vs float64."""
+    n = min(q.shape[1], 2048)
+    ref, _ = attention_reference(*(x[:1, :n].detach().double() for x in (q, k, v, g)))
+    return float((o[:1, :n].double() - ref).norm() / ref.norm())
+
+
+def time_retention(batch: int, t: int, mode: str) -> dict:
+    q, k, v, g = make(batch, t, requires_grad=mode == "fwd+bwd")
+    o = power_retention(q, k, v, g)                    # compiles, autotunes, picks the chunk
+    err = check_slice(o, q, k, v, g)
+    chunk = host.pick_chunk_size(q, k, v, g, None, None, None, D_HEAD ** -0.5)
+    if mode == "fwd":
+        ms = bench(lambda: power_retention(q, k, v, g))
+    else:
+        do = torch.randn_like(o)
+        ms = bench(lambda: torch.autograd.grad(power_retention(q, k, v, g), (q, k, v, g), do))
+    peak = None
+    if t >= 1 << 20:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        if mode == "fwd":
+            power_retention(q, k, v, g)
+        else:
+            torch.autograd.grad(power_retention(q, k, v, g), (q, k, v, g), do)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    flops = retention_flops(batch * t, chunk, mode)
+    return {"impl": "power retention (triton)", "t": t, "batch": batch, "mode": mode, "ms": ms,
+            "tflops": flops / ms / 1e9, "chunk": chunk, "rel_err_slice": err,
+            "peak_gib": peak, "us_per_ktoken": 1e3 * ms / (batch * t / 1024)}
+
+
+def time_sdpa(batch: int, t: int, mode: str, backend) -> dict:
+    q, k, v, _ = make(batch, t, requires_grad=mode == "fwd+bwd")
+    q, k, v = (x.detach().transpose(1, 2).contiguous().requires_grad_(mode == "fwd+bwd")
+               for x in (q, k, v))
+
+    def fwd():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if mode == "fwd":
+        ms = bench(fwd)
+    else:
+        do = torch.randn_like(fwd())
+        ms = bench(lambda: torch.autograd.grad(fwd(), (q, k, v), do))
+    name = "cuDNN SDPA" if backend == SDPBackend.CUDNN_ATTENTION else "flash SDPA"
+    return {"impl": name, "t": t, "batch": batch, "mode": mode, "ms": ms,
+            "tflops": sdpa_flops(batch, t, mode) / ms / 1e9}
+
+
+def time_decode(batch: int, buffered: int, prefix: int = 256) -> dict:
+    """One new token against a real state (from a ``prefix``-token call of the op) and
+    ``buffered`` recent tokens; checked against the reference over the whole stream."""
+    q, k, v, g = make(batch, prefix + buffered + 1, requires_grad=False, seed=2)
+    _, state = power_retention(q[:, :prefix], k[:, :prefix], v[:, :prefix], g[:, :prefix],
+                               output_final_state=True)
+    buffer = None
+    if buffered:
+        buffer = DecodeBuffer(*(x[:, prefix:prefix + buffered] for x in (k, v, g)))
+    new = [x[:, prefix + buffered:] for x in (q, k, v, g)]
+    o, _, _ = power_retention_decode(*new, state, buffer)
+    ref, _ = attention_reference(*(x.double() for x in (q, k, v, g)))
+    err = float((o.double() - ref[:, -1:]).norm() / ref[:, -1:].norm())
+    ms = bench(lambda: power_retention_decode(*new, state, buffer))
+    D = sympow_dim(D_HEAD, 2)
+    state_bytes = batch * HEADS * D * (D_HEAD + 1) * 4
+    return {"impl": "decode (triton)", "batch": batch, "buffered": buffered, "us": ms * 1e3,
+            "state_read_us": state_bytes / HBM_BYTES_PER_S * 1e6, "rel_err": err}
+
+
+def kernel_breakdown(t: int = TOKENS) -> list[dict]:
+    """Time per kernel of one forward + backward at batch 1 (torch.profiler, CUDA activity)."""
+    q, k, v, g = make(1, t, requires_grad=True)
+    do = torch.randn_like(q)
+    torch.autograd.grad(power_retention(q, k, v, g), (q, k, v, g), do)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        torch.autograd.grad(power_retention(q, k, v, g), (q, k, v, g), do)
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if us > 0:
+            rows.append({"kernel": event.key[:60], "calls": event.count, "ms": us / 1e3})
+    return sorted(rows, key=lambda r: -r["ms"])[:12]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_op.json")
+    parser.add_argument("--seq-lens", default="1024,4096,8192,16384,65536")
+    parser.add_argument("--long", default="262144,1048576", help="batch-1 lengths, ours only")
+    parser.add_argument("--decode-batches", default="1,64")
+    parser.add_argument("--no-baselines", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "heads": HEADS, "d": D_HEAD, "e": D_HEAD, "deg": 2,
+            "dtype": "bfloat16", "tokens_per_call": TOKENS, "gates": "logsigmoid(randn + 4)"}
+    rows, decode = [], []
+
+    def save(**extra):                     # after every case, so a cut-short run keeps its rows
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "decode": decode, **extra}, f, indent=1)
+    for t in [int(x) for x in args.seq_lens.split(",") if x]:
+        batch = max(1, TOKENS // t)
+        for mode in ("fwd", "fwd+bwd"):
+            rows.append(time_retention(batch, t, mode))
+            print(rows[-1], flush=True)
+            if not args.no_baselines:
+                for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+                    rows.append(time_sdpa(batch, t, mode, backend))
+                    print(rows[-1], flush=True)
+            save()
+    for t in [int(x) for x in args.long.split(",") if x]:
+        for mode in ("fwd", "fwd+bwd"):
+            rows.append(time_retention(1, t, mode))
+            print(rows[-1], flush=True)
+            save()
+    for batch in [int(x) for x in args.decode_batches.split(",") if x]:
+        for buffered in (0, 62):
+            decode.append(time_decode(batch, buffered))
+            print(decode[-1], flush=True)
+            save()
+    breakdown = kernel_breakdown()
+    save(breakdown_t65536=breakdown)
+
+    print(f"\n{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
+    print("bf16, 16 heads, d = e = 64, p = 2, gated; median ms (TFLOP/s)")
+    header = f"{'t':>9} {'batch':>5} {'mode':>8} | {'ours':>16} {'chunk':>5} {'err':>8} |" \
+             f" {'cuDNN':>16} {'flash':>16}"
+    print(header)
+    print("-" * len(header))
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["t"], r["batch"], r["mode"]), {})[r["impl"]] = r
+    for (t, batch, mode), c in cells.items():
+        def fmt(r):
+            return f"{r['ms']:8.3f} ({r['tflops']:5.1f})" if r else f"{'-':>16}"
+        ours = c.get("power retention (triton)")
+        err = f"{ours['rel_err_slice']:.1e}" if ours else "-"
+        peak = f"  peak {ours['peak_gib']:.1f} GiB" if ours and ours["peak_gib"] else ""
+        print(f"{t:>9} {batch:>5} {mode:>8} | {fmt(ours)} {ours['chunk'] if ours else '':>5} "
+              f"{err:>8} | {fmt(c.get('cuDNN SDPA'))} {fmt(c.get('flash SDPA'))}{peak}")
+    print("\ndecode, one token per sequence per layer (16 heads, d = 64, fp32 state)")
+    for r in decode:
+        print(f"batch {r['batch']:>3} buffered {r['buffered']:>3}: {r['us']:8.1f} us   "
+              f"(state read once from HBM: {r['state_read_us']:6.1f} us; err {r['rel_err']:.1e})")
+    print("\nper kernel, one forward + backward at t = 65,536, batch 1 (torch.profiler)")
+    for r in breakdown:
+        print(f"{r['ms']:9.3f} ms  {r['calls']:3d} calls  {r['kernel']}")
+    print(f"\nwritten: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,541 @@
+"""Triton kernels of chunked power retention, degree 2 (DESIGN.md section 2, chunked form).
+
+Feature layout. ``phi(x)`` for ``deg = 2`` has one coordinate per pair ``i <= j`` of the ``d``
+indices. The kernels cut the indices into ``NB`` blocks of ``BD`` and walk the pairs of blocks
+``a <= b`` as tiles of ``F = BD * BD`` features: tile ``(a, b)`` is the outer product
+``x[a-block] (x) x[b-block]`` times ``sqrt(2)`` (off the diagonal) or ``1`` (diagonal), and in a
+diagonal tile the pairs ``i > j`` get coefficient 0. A tile is formed in registers from the
+``[C, BD]`` slices of ``x``; ``phi`` is never written to memory. The chunk states between kernels
+use this padded tile layout (``NT = NB (NB + 1) / 2`` tiles of ``F`` rows); states that users see
+(initial and final) use the exact layout of ``sympow_embed`` and are gathered and scattered here.
+
+Every sequence is a range ``[bos, eos)`` of a packed ``[T_total, H, x]`` tensor, cut into chunks of
+``C`` tokens (the last one shorter and masked). Gates enter as log-gates; inside a chunk their
+inclusive cumulative sum ``gc`` starts from 0 at the chunk's start, so every factor is
+``exp`` of a difference ``<= 0``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+SQRT2 = tl.constexpr(1.4142135623730951)
+
+
+@triton.jit
+def _pair_coef(a, b, BD: tl.constexpr):
+    """Coefficients ``[F]`` of tile ``(a, b)``: sqrt(2) for i < j, 1 for i == j, 0 for i > j."""
+    i = tl.arange(0, BD)[:, None]
+    j = tl.arange(0, BD)[None, :]
+    on_diag = tl.where(i < j, SQRT2, tl.where(i == j, 1.0, 0.0))
+    coef = tl.where(a < b, SQRT2, on_diag)
+    return tl.reshape(coef, [BD * BD])
+
+
+@triton.jit
+def _sympow_tile(xa, xb, coef, C: tl.constexpr, BD: tl.constexpr):
+    """``phi`` tile ``[C, F]`` from the slices ``xa, xb [C, BD]`` (fp32)."""
+    return tl.reshape(xa[:, :, None] * xb[:, None, :], [C, BD * BD]) * coef[None, :]
+
+
+@triton.jit
+def _sympow_tile_grad(w, xa, xb, coef, C: tl.constexpr, BD: tl.constexpr):
+    """Given ``w = dL/dphi_tile [C, F]``, the gradients ``[C, BD]`` for ``xa`` and ``xb``."""
+    wc = tl.reshape(w * coef[None, :], [C, BD, BD])
+    return tl.sum(wc * xb[:, None, :], axis=2), tl.sum(wc * xa[:, :, None], axis=1)
+
+
+@triton.jit
+def _put_block(acc, x, blk, NB: tl.constexpr, BD: tl.constexpr, C: tl.constexpr):
+    """``acc [C, NB*BD]`` plus ``x [C, BD]`` added at columns ``blk*BD ..``."""
+    sel = tl.arange(0, NB)[None, :, None] == blk
+    spread = tl.where(sel, x[:, None, :], 0.0)
+    return acc + tl.reshape(spread, [C, NB * BD])
+
+
+@triton.jit
+def _public_rows(a, b, d, BD: tl.constexpr):
+    """Row of each tile feature in the exact layout and whether it exists (``i <= j``)."""
+    fi = tl.reshape(a * BD + tl.arange(0, BD)[:, None] + tl.zeros([BD, BD], tl.int32),
+                    [BD * BD])
+    fj = tl.reshape(b * BD + tl.arange(0, BD)[None, :] + tl.zeros([BD, BD], tl.int32),
+                    [BD * BD])
+    row = fi * d - (fi * (fi - 1)) // 2 + fj - fi
+    return row.to(tl.int64), fi <= fj
+
+
+@triton.jit
+def _chunk_gates(g, t, mt, i_h, Hk, USE_GATE: tl.constexpr, C: tl.constexpr):
+    """Inclusive cumulative log-gate from the chunk start ``gc [C]`` and its last value."""
+    if USE_GATE:
+        gam = tl.load(g + t * Hk + i_h, mask=mt, other=0.0).to(tl.float32)
+        gc = tl.cumsum(gam, axis=0)
+        g_last = tl.sum(gam, axis=0)
+    else:
+        gc = tl.zeros([C], tl.float32)
+        g_last = tl.sum(gc, axis=0)
+    return gc, g_last
+
+
+@triton.jit
+def _dot(x, y, BF16: tl.constexpr, PREC: tl.constexpr):
+    """fp32-accumulated product; bf16 operands for bf16 inputs, fp32 (tf32/ieee) otherwise."""
+    if BF16:
+        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
+    return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def _state_fwd_chunk(k, v, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hk, d, e, tile,
+                     coef, ra, rb, re, me, rf, C: tl.constexpr, BD: tl.constexpr,
+                     NT: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
+                     PREC: tl.constexpr):
+    """One step of the forward scan: store the state entering chunk ``n``, then add the
+    chunk's contribution ``phi(K)^T (to_end * V)`` to the decayed state."""
+    F: tl.constexpr = BD * BD
+    slot = ((chunk0 + n) * Hk + i_h) * NT + tile
+    tl.store(states + slot * F * e + rf[:, None] * e + re[None, :],
+             S.to(states.dtype.element_ty), mask=me[None, :])
+    tl.store(zstates + slot * F + rf, z)
+    t = bos + n * C + tl.arange(0, C)
+    mt = t < eos
+    ka = tl.load(k + (t[:, None] * Hk + i_h) * d + ra[None, :], mask=mt[:, None],
+                 other=0.0).to(tl.float32)
+    kb = tl.load(k + (t[:, None] * Hk + i_h) * d + rb[None, :], mask=mt[:, None],
+                 other=0.0).to(tl.float32)
+    vv = tl.load(v + (t[:, None] * Hk + i_h) * e + re[None, :],
+                 mask=mt[:, None] & me[None, :], other=0.0).to(tl.float32)
+    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+    to_end = tl.exp(g_last - gc)                                   # [C]
+    phi = _sympow_tile(ka, kb, coef, C, BD)                        # [C, F]
+    decay = tl.exp(g_last)
+    # S <- decay S + phi(K)^T (to_end * V): [F, C] @ [C, BE]
+    S = S * decay + _dot(tl.trans(phi), vv * to_end[:, None], BF16, PREC)
+    z = z * decay + tl.sum(phi * to_end[:, None], axis=0)
+    return S, z
+
+
+@triton.jit
+def state_fwd_kernel(k, v, g, S0, z0, states, zstates, S_T, z_T, cu_seqlens, chunk_offsets,
+                     Hk, d, e, D,
+                     C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, BE: tl.constexpr,
+                     USE_GATE: tl.constexpr, HAS_INIT: tl.constexpr, BF16: tl.constexpr,
+                     PREC: tl.constexpr, LOOP_FOR: tl.constexpr):
+    """Scan across chunks for one (tile, e-block, sequence x KV head): writes the state entering
+    every chunk into ``states [chunks, Hk, NT, F, e]`` / ``zstates [chunks, Hk, NT, F]`` and the
+    final state into ``S_T [N, Hk, D, e]`` / ``z_T [N, Hk, D]`` (exact layout)."""
+    pid_t, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = pid_nh // Hk, pid_nh % Hk
+    a, b = pid_t // NB, pid_t % NB
+    if a > b:
+        return
+    F: tl.constexpr = BD * BD
+    NT: tl.constexpr = NB * (NB + 1) // 2
+    tile = a * NB - (a * (a - 1)) // 2 + b - a
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    chunk0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, C)
+
+    coef = _pair_coef(a, b, BD)
+    row, exists = _public_rows(a, b, d, BD)
+    rf = tl.arange(0, F)
+    re = pid_e * BE + tl.arange(0, BE)
+    me = re < e
+    ra = a * BD + tl.arange(0, BD)
+    rb = b * BD + tl.arange(0, BD)
+    pub = (i_n * Hk + i_h).to(tl.int64)
+
+    S = tl.zeros([F, BE], tl.float32)        # this tile of the state, rows in tile layout
+    z = tl.zeros([F], tl.float32)
+    if HAS_INIT:
+        S = tl.load(S0 + pub * D * e + row[:, None] * e + re[None, :],
+                    mask=exists[:, None] & me[None, :], other=0.0)
+        z = tl.load(z0 + pub * D + row, mask=exists, other=0.0)
+    if LOOP_FOR:                  # compiled: a for loop, which Triton software-pipelines
+        for n in range(n_chunks):
+            S, z = _state_fwd_chunk(k, v, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hk,
+                                    d, e, tile, coef, ra, rb, re, me, rf, C, BD, NT, USE_GATE,
+                                    BF16, PREC)
+    else:                         # the interpreter cannot range() over a loaded bound
+        n = n_chunks * 0
+        while n < n_chunks:
+            S, z = _state_fwd_chunk(k, v, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hk,
+                                    d, e, tile, coef, ra, rb, re, me, rf, C, BD, NT, USE_GATE,
+                                    BF16, PREC)
+            n += 1
+    tl.store(S_T + pub * D * e + row[:, None] * e + re[None, :], S,
+             mask=exists[:, None] & me[None, :])
+    tl.store(z_T + pub * D + row, z, mask=exists & (pid_e == 0))
+
+
+@triton.jit
+def output_fwd_kernel(q, k, v, g, states, zstates, o, den_out, cu_seqlens, chunk_indices,
+                      scale, Hq, Hk, d, e,
+                      C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, EP: tl.constexpr,
+                      USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+    """Outputs of one (chunk, query head): attention inside the chunk plus the incoming state,
+    numerator and denominator added before the division. Also writes the denominator."""
+    i_c, i_hq = tl.program_id(0), tl.program_id(1)
+    i_h = i_hq // (Hq // Hk)
+    i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
+    j = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    F: tl.constexpr = BD * BD
+    NT: tl.constexpr = NB * (NB + 1) // 2
+    DK: tl.constexpr = NB * BD
+
+    t = bos + j * C + tl.arange(0, C)
+    mt = t < eos
+    rd = tl.arange(0, DK)
+    re = tl.arange(0, EP)
+    me = re < e
+    qq = tl.load(q + (t[:, None] * Hq + i_hq) * d + rd[None, :], mask=mt[:, None], other=0.0)
+    kk = tl.load(k + (t[:, None] * Hk + i_h) * d + rd[None, :], mask=mt[:, None], other=0.0)
+    vv = tl.load(v + (t[:, None] * Hk + i_h) * e + re[None, :],
+                 mask=mt[:, None] & me[None, :], other=0.0)
+    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+
+    # attention inside the chunk: w_ij = (s q_i.k_j)^2 exp(gc_i - gc_j), j <= i
+    s = _dot(qq, tl.trans(kk), BF16, PREC) * scale                    # [C, C]
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    w = tl.where(causal, s * s * tl.exp(gc[:, None] - gc[None, :]), 0.0)
+    num = _dot(w, vv, BF16, PREC)                                      # [C, EP]
+    den = tl.sum(w, axis=1)
+
+    # the incoming state, queried tile by tile: phi(s q) [C, F] @ S [F, EP]
+    num_s = tl.zeros([C, EP], tl.float32)
+    den_s = tl.zeros([C], tl.float32)
+    base = (i_c * Hk + i_h) * NT
+    rf = tl.arange(0, F)
+    for a in range(NB):
+        qa = tl.load(q + (t[:, None] * Hq + i_hq) * d + a * BD + tl.arange(0, BD)[None, :],
+                     mask=mt[:, None], other=0.0).to(tl.float32) * scale
+        for b in range(a, NB):
+            tile = a * NB - (a * (a - 1)) // 2 + b - a
+            qb = tl.load(q + (t[:, None] * Hq + i_hq) * d + b * BD + tl.arange(0, BD)[None, :],
+                         mask=mt[:, None], other=0.0).to(tl.float32) * scale
+            phi = _sympow_tile(qa, qb, _pair_coef(a, b, BD), C, BD)
+            slot = (base + tile).to(tl.int64)
+            St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
+                         mask=me[None, :], other=0.0)
+            zt = tl.load(zstates + slot * F + rf)
+            num_s += _dot(phi, St, BF16, PREC)
+            den_s += tl.sum(phi * zt[None, :], axis=1)
+    from_start = tl.exp(gc)
+    num += from_start[:, None] * num_s
+    den += from_start * den_s
+    out = num / tl.where(den == 0, 1.0, den)[:, None]
+    tl.store(o + (t[:, None] * Hq + i_hq) * e + re[None, :], out.to(o.dtype.element_ty),
+             mask=mt[:, None] & me[None, :])
+    tl.store(den_out + t * Hq + i_hq, den, mask=mt)
+
+
+@triton.jit
+def prepare_bwd_kernel(o, do, den, inv_den, dyz, T, Hq, e,
+                       BT: tl.constexpr, EP: tl.constexpr):
+    """Gradient of the division: ``dy_v = do / den`` (stored as ``1 / den``) and
+    ``dy_z = -(do . o) / den`` for the denominator column (0 where ``den == 0``)."""
+    i_t, i_hq = tl.program_id(0), tl.program_id(1)
+    t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    mt = t < T
+    re = tl.arange(0, EP)
+    m = mt[:, None] & (re < e)[None, :]
+    oo = tl.load(o + (t[:, None] * Hq + i_hq) * e + re[None, :], mask=m, other=0.0)
+    gg = tl.load(do + (t[:, None] * Hq + i_hq) * e + re[None, :], mask=m, other=0.0)
+    dd = tl.load(den + t * Hq + i_hq, mask=mt, other=1.0)
+    zero = dd == 0
+    inv = 1.0 / tl.where(zero, 1.0, dd)
+    delta = tl.sum(oo.to(tl.float32) * gg.to(tl.float32), axis=1)
+    tl.store(inv_den + t * Hq + i_hq, inv, mask=mt)
+    tl.store(dyz + t * Hq + i_hq, tl.where(zero, 0.0, -delta * inv), mask=mt)
+
+
+@triton.jit
+def _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz, n, chunk0, bos, eos, i_h,
+                     scale, Hq, Hk, d, e, tile, coef, ra, rb, re, me, rf, GROUPS: tl.constexpr,
+                     C: tl.constexpr, BD: tl.constexpr, NT: tl.constexpr,
+                     USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+    """One step of the reverse scan: store the gradient of the state at the end of chunk
+    ``n``, then carry it to the chunk's start through its queries ``phi(Q)^T dY``."""
+    F: tl.constexpr = BD * BD
+    slot = ((chunk0 + n) * Hk + i_h) * NT + tile
+    tl.store(dstates + slot * F * e + rf[:, None] * e + re[None, :],
+             dS.to(dstates.dtype.element_ty), mask=me[None, :])
+    tl.store(dzstates + slot * F + rf, dz)
+    t = bos + n * C + tl.arange(0, C)
+    mt = t < eos
+    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+    from_start = tl.exp(gc)
+    dS = dS * tl.exp(g_last)
+    dz = dz * tl.exp(g_last)
+    for r in range(GROUPS):
+        i_hq = i_h * GROUPS + r
+        qa = tl.load(q + (t[:, None] * Hq + i_hq) * d + ra[None, :], mask=mt[:, None],
+                     other=0.0).to(tl.float32) * scale
+        qb = tl.load(q + (t[:, None] * Hq + i_hq) * d + rb[None, :], mask=mt[:, None],
+                     other=0.0).to(tl.float32) * scale
+        phi = _sympow_tile(qa, qb, coef, C, BD) * from_start[:, None]   # [C, F]
+        inv = tl.load(inv_den + t * Hq + i_hq, mask=mt, other=0.0)
+        dyv = tl.load(do + (t[:, None] * Hq + i_hq) * e + re[None, :],
+                      mask=mt[:, None] & me[None, :], other=0.0).to(tl.float32)
+        dyv = dyv * inv[:, None]
+        dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
+        # dS += phi(Q)^T dY: [F, C] @ [C, BE]
+        dS += _dot(tl.trans(phi), dyv, BF16, PREC)
+        dz += tl.sum(phi * dy1[:, None], axis=0)
+    return dS, dz
+
+
+@triton.jit
+def state_bwd_kernel(q, g, do, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0, dz0,
+                     cu_seqlens, chunk_offsets, scale, Hq, Hk, d, e, D,
+                     GROUPS: tl.constexpr,
+                     C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, BE: tl.constexpr,
+                     USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr,
+                     LOOP_FOR: tl.constexpr):
+    """Reverse scan of the state gradient for one (tile, e-block, sequence x KV head): writes
+    the gradient of the state at the end of every chunk into ``dstates`` / ``dzstates`` and the
+    gradient of the initial state into ``dS0`` / ``dz0`` (exact layout)."""
+    pid_t, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = pid_nh // Hk, pid_nh % Hk
+    a, b = pid_t // NB, pid_t % NB
+    if a > b:
+        return
+    F: tl.constexpr = BD * BD
+    NT: tl.constexpr = NB * (NB + 1) // 2
+    tile = a * NB - (a * (a - 1)) // 2 + b - a
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    chunk0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, C)
+
+    coef = _pair_coef(a, b, BD)
+    row, exists = _public_rows(a, b, d, BD)
+    rf = tl.arange(0, F)
+    re = pid_e * BE + tl.arange(0, BE)
+    me = re < e
+    ra = a * BD + tl.arange(0, BD)
+    rb = b * BD + tl.arange(0, BD)
+    pub = (i_n * Hk + i_h).to(tl.int64)
+
+    dS = tl.load(dS_T + pub * D * e + row[:, None] * e + re[None, :],
+                 mask=exists[:, None] & me[None, :], other=0.0)
+    dz = tl.load(dz_T + pub * D + row, mask=exists, other=0.0)
+    if LOOP_FOR:
+        for i in range(n_chunks):
+            dS, dz = _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz,
+                                      n_chunks - 1 - i, chunk0, bos, eos, i_h, scale, Hq, Hk, d, e,
+                                      tile, coef, ra, rb, re, me, rf, GROUPS, C, BD, NT, USE_GATE,
+                                      BF16, PREC)
+    else:
+        n = n_chunks - 1
+        while n >= 0:
+            dS, dz = _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz, n, chunk0,
+                                      bos, eos, i_h, scale, Hq, Hk, d, e, tile, coef, ra, rb, re,
+                                      me, rf, GROUPS, C, BD, NT, USE_GATE, BF16, PREC)
+            n -= 1
+    tl.store(dS0 + pub * D * e + row[:, None] * e + re[None, :], dS,
+             mask=exists[:, None] & me[None, :])
+    tl.store(dz0 + pub * D + row, dz, mask=exists & (pid_e == 0))
+
+
+@triton.jit
+def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, qdq, cu_seqlens, chunk_indices,
+              scale, Hq, Hk, d, e,
+              C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, EP: tl.constexpr,
+              USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+    """Gradient of ``q`` for one (chunk, query head), and ``q . dq`` for the gate gradient."""
+    i_c, i_hq = tl.program_id(0), tl.program_id(1)
+    i_h = i_hq // (Hq // Hk)
+    i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
+    j = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    F: tl.constexpr = BD * BD
+    NT: tl.constexpr = NB * (NB + 1) // 2
+    DK: tl.constexpr = NB * BD
+
+    t = bos + j * C + tl.arange(0, C)
+    mt = t < eos
+    rd = tl.arange(0, DK)
+    re = tl.arange(0, EP)
+    me = re < e
+    qq = tl.load(q + (t[:, None] * Hq + i_hq) * d + rd[None, :], mask=mt[:, None], other=0.0)
+    kk = tl.load(k + (t[:, None] * Hk + i_h) * d + rd[None, :], mask=mt[:, None], other=0.0)
+    vv = tl.load(v + (t[:, None] * Hk + i_h) * e + re[None, :],
+                 mask=mt[:, None] & me[None, :], other=0.0)
+    inv = tl.load(inv_den + t * Hq + i_hq, mask=mt, other=0.0)
+    dyv = tl.load(do + (t[:, None] * Hq + i_hq) * e + re[None, :],
+                  mask=mt[:, None] & me[None, :], other=0.0).to(tl.float32) * inv[:, None]
+    dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
+    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+
+    # inside the chunk: dw_ij = dy_i . [v_j, 1]; w_ij = s_ij^2 decay_ij
+    s = _dot(qq, tl.trans(kk), BF16, PREC) * scale
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    decay = tl.where(causal, tl.exp(gc[:, None] - gc[None, :]), 0.0)
+    dw = _dot(dyv, tl.trans(vv.to(tl.float32)), BF16, PREC) + dy1[:, None]
+    ds = dw * decay * 2.0 * s                                          # [C, C]
+    grad = _dot(ds, kk, BF16, PREC) * scale                            # [C, DK]
+
+    # through the incoming state: dphi(s q_i) = exp(gc_i) (dy_v S^T + dy_z z^T)
+    grad_s = tl.zeros([C, DK], tl.float32)
+    base = (i_c * Hk + i_h) * NT
+    rf = tl.arange(0, F)
+    for a in range(NB):
+        qa = tl.load(q + (t[:, None] * Hq + i_hq) * d + a * BD + tl.arange(0, BD)[None, :],
+                     mask=mt[:, None], other=0.0).to(tl.float32) * scale
+        for b in range(a, NB):
+            tile = a * NB - (a * (a - 1)) // 2 + b - a
+            qb = tl.load(q + (t[:, None] * Hq + i_hq) * d + b * BD + tl.arange(0, BD)[None, :],
+                         mask=mt[:, None], other=0.0).to(tl.float32) * scale
+            slot = (base + tile).to(tl.int64)
+            St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
+                         mask=me[None, :], other=0.0)
+            zt = tl.load(zstates + slot * F + rf)
+            w = _dot(dyv, tl.trans(St), BF16, PREC) + dy1[:, None] * zt[None, :]   # [C, F]
+            ga, gb = _sympow_tile_grad(w, qa, qb, _pair_coef(a, b, BD), C, BD)
+            grad_s = _put_block(grad_s, ga, a, NB, BD, C)
+            grad_s = _put_block(grad_s, gb, b, NB, BD, C)
+    grad += tl.exp(gc)[:, None] * grad_s * scale
+    tl.store(dq + (t[:, None] * Hq + i_hq) * d + rd[None, :], grad.to(dq.dtype.element_ty),
+             mask=mt[:, None])
+    tl.store(qdq + t * Hq + i_hq, tl.sum(qq.to(tl.float32) * grad, axis=1), mask=mt)
+
+
+@triton.jit
+def dkv_kernel(q, k, v, g, dstates, dzstates, do, inv_den, dyz, dk, dv, kdk, cu_seqlens,
+               chunk_indices, scale, Hq, Hk, d, e, GROUPS: tl.constexpr,
+               C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, EP: tl.constexpr,
+               USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+    """Gradients of ``k`` and ``v`` for one (chunk, KV head), summed over its query heads, and
+    ``k . dk`` for the gate gradient."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
+    j = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    F: tl.constexpr = BD * BD
+    NT: tl.constexpr = NB * (NB + 1) // 2
+    DK: tl.constexpr = NB * BD
+
+    t = bos + j * C + tl.arange(0, C)
+    mt = t < eos
+    rd = tl.arange(0, DK)
+    re = tl.arange(0, EP)
+    me = re < e
+    kk = tl.load(k + (t[:, None] * Hk + i_h) * d + rd[None, :], mask=mt[:, None], other=0.0)
+    vv = tl.load(v + (t[:, None] * Hk + i_h) * e + re[None, :],
+                 mask=mt[:, None] & me[None, :], other=0.0)
+    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    decay = tl.where(causal, tl.exp(gc[:, None] - gc[None, :]), 0.0)
+
+    grad_k = tl.zeros([C, DK], tl.float32)
+    grad_v = tl.zeros([C, EP], tl.float32)
+    for r in range(GROUPS):
+        i_hq = i_h * GROUPS + r
+        qq = tl.load(q + (t[:, None] * Hq + i_hq) * d + rd[None, :], mask=mt[:, None],
+                     other=0.0)
+        inv = tl.load(inv_den + t * Hq + i_hq, mask=mt, other=0.0)
+        dyv = tl.load(do + (t[:, None] * Hq + i_hq) * e + re[None, :],
+                      mask=mt[:, None] & me[None, :], other=0.0).to(tl.float32) * inv[:, None]
+        dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
+        s = _dot(qq, tl.trans(kk), BF16, PREC) * scale                 # [C(i), C(j)]
+        w = s * s * decay
+        grad_v += _dot(tl.trans(w), dyv, BF16, PREC)
+        dw = _dot(dyv, tl.trans(vv.to(tl.float32)), BF16, PREC) + dy1[:, None]
+        ds = dw * decay * 2.0 * s
+        grad_k += _dot(tl.trans(ds), qq, BF16, PREC) * scale
+
+    # through the state at the chunk's end: S_end += sum_j to_end_j phi(k_j) [v_j, 1]^T
+    to_end = tl.exp(g_last - gc)
+    grad_ks = tl.zeros([C, DK], tl.float32)
+    grad_vs = tl.zeros([C, EP], tl.float32)
+    base = (i_c * Hk + i_h) * NT
+    rf = tl.arange(0, F)
+    for a in range(NB):
+        ka = tl.load(k + (t[:, None] * Hk + i_h) * d + a * BD + tl.arange(0, BD)[None, :],
+                     mask=mt[:, None], other=0.0).to(tl.float32)
+        for b in range(a, NB):
+            tile = a * NB - (a * (a - 1)) // 2 + b - a
+            kb = tl.load(k + (t[:, None] * Hk + i_h) * d + b * BD + tl.arange(0, BD)[None, :],
+                         mask=mt[:, None], other=0.0).to(tl.float32)
+            coef = _pair_coef(a, b, BD)
+            slot = (base + tile).to(tl.int64)
+            dSt = tl.load(dstates + slot * F * e + rf[:, None] * e + re[None, :],
+                          mask=me[None, :], other=0.0)
+            dzt = tl.load(dzstates + slot * F + rf)
+            phi = _sympow_tile(ka, kb, coef, C, BD)
+            grad_vs += _dot(phi, dSt, BF16, PREC)
+            w = _dot(vv, tl.trans(dSt), BF16, PREC) + dzt[None, :]    # [C, F]
+            ga, gb = _sympow_tile_grad(w, ka, kb, coef, C, BD)
+            grad_ks = _put_block(grad_ks, ga, a, NB, BD, C)
+            grad_ks = _put_block(grad_ks, gb, b, NB, BD, C)
+    grad_k += to_end[:, None] * grad_ks
+    grad_v += to_end[:, None] * grad_vs
+    tl.store(dk + (t[:, None] * Hk + i_h) * d + rd[None, :], grad_k.to(dk.dtype.element_ty),
+             mask=mt[:, None])
+    tl.store(dv + (t[:, None] * Hk + i_h) * e + re[None, :], grad_v.to(dv.dtype.element_ty),
+             mask=mt[:, None] & me[None, :])
+    tl.store(kdk + t * Hk + i_h, tl.sum(kk.to(tl.float32) * grad_k, axis=1), mask=mt)
+
+
+@triton.jit
+def decode_kernel(q, k, v, g, S, z, part, scale, Hq, Hk, d, e, D, L,
+                  LP: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, EP: tl.constexpr,
+                  USE_GATE: tl.constexpr):
+    """One new query per sequence (the last of ``L`` buffered tokens, itself included) against
+    one state tile; writes the partial numerator and denominator ``part [B, Hq, NT, EP + 1]``.
+    Tile 0 also adds attention over the buffer. ``k, v, g`` are ``[B, L, Hk, x]``."""
+    i_bh, pid_t = tl.program_id(0), tl.program_id(1)
+    a, b = pid_t // NB, pid_t % NB
+    if a > b:
+        return
+    i_b, i_hq = i_bh // Hq, i_bh % Hq
+    i_h = i_hq // (Hq // Hk)
+    NT: tl.constexpr = NB * (NB + 1) // 2
+    F: tl.constexpr = BD * BD
+    DK: tl.constexpr = NB * BD
+    tile = a * NB - (a * (a - 1)) // 2 + b - a
+    i_b = i_b.to(tl.int64)
+    re = tl.arange(0, EP)
+    me = re < e
+    rl = tl.arange(0, LP)
+    ml = rl < L
+    if USE_GATE:
+        gam = tl.load(g + (i_b * L + rl) * Hk + i_h, mask=ml, other=0.0)
+        g_total = tl.sum(gam, axis=0)
+        gc = tl.cumsum(gam, axis=0)
+    else:
+        gc = tl.zeros([LP], tl.float32)
+        g_total = tl.sum(gc, axis=0)
+    qrow = q + (i_b * Hq + i_hq) * d
+    qa = tl.load(qrow + a * BD + tl.arange(0, BD)).to(tl.float32) * scale
+    qb = tl.load(qrow + b * BD + tl.arange(0, BD)).to(tl.float32) * scale
+    phi = tl.reshape(qa[:, None] * qb[None, :], [F]) * _pair_coef(a, b, BD)
+    row, exists = _public_rows(a, b, d, BD)
+    pub = (i_b * Hk + i_h).to(tl.int64)
+    St = tl.load(S + pub * D * e + row[:, None] * e + re[None, :],
+                 mask=exists[:, None] & me[None, :], other=0.0)
+    zt = tl.load(z + pub * D + row, mask=exists, other=0.0)
+    from_start = tl.exp(g_total)
+    num = tl.sum(phi[:, None] * St, axis=0) * from_start                # [EP]
+    den = tl.sum(phi * zt, axis=0) * from_start
+    if tile == 0:
+        rd = tl.arange(0, DK)
+        qq = tl.load(qrow + rd).to(tl.float32) * scale
+        kk = tl.load(k + ((i_b * L + rl[:, None]) * Hk + i_h) * d + rd[None, :],
+                     mask=ml[:, None], other=0.0).to(tl.float32)
+        vv = tl.load(v + ((i_b * L + rl[:, None]) * Hk + i_h) * e + re[None, :],
+                     mask=ml[:, None] & me[None, :], other=0.0).to(tl.float32)
+        s = tl.sum(kk * qq[None, :], axis=1)                           # [LP]
+        w = tl.where(ml, s * s * tl.exp(g_total - gc), 0.0)
+        num += tl.sum(w[:, None] * vv, axis=0)
+        den += tl.sum(w, axis=0)
+    out = part + ((i_b * Hq + i_hq) * NT + tile) * (EP + 1)
+    tl.store(out + re, num)
+    tl.store(out + EP, den)

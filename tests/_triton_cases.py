@@ -1,0 +1,188 @@
+"""Checks of the Triton kernels against the float64 reference, run by ``test_triton.py`` in a
+subprocess under ``TRITON_INTERPRET=1`` (the variable must be set before Triton is imported, so
+these cannot share a process with the rest of the suite).
+
+    TRITON_INTERPRET=1 PYTHONPATH=src python tests/_triton_cases.py CASE [CASE ...]
+
+prints one JSON line ``{case: {tensor: relative error}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from power_retention import DecodeBuffer, RetentionState, power_retention  # noqa: E402
+from power_retention.ops.naive import attention_reference  # noqa: E402
+
+from _helpers import make_inputs, make_state, rel_err  # noqa: E402
+
+
+def _host():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
+    from power_retention.ops.triton import host
+    host.POISON = True                                    # unwritten outputs read as NaN
+    return host
+
+
+def _reference(q, k, v, g, state, cu_seqlens):
+    """fp64 attention form per sequence (packed sequences one by one)."""
+    up = [None if x is None else x.double() for x in (q, k, v, g)]
+    if cu_seqlens is None:
+        init = None if state is None else RetentionState(state[0].double(), state[1].double())
+        o, final = attention_reference(*up, initial_state=init)
+        return o, final.S, final.z
+    outs, Ss, zs = [], [], []
+    bounds = cu_seqlens.tolist()
+    for n, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])):
+        part = [None if x is None else x[:, s:t] for x in up]
+        init = None if state is None else RetentionState(state[0][n:n + 1].double(),
+                                                         state[1][n:n + 1].double())
+        o, final = attention_reference(*part, initial_state=init)
+        if init is None and t == s:
+            final = RetentionState(torch.zeros_like(final.S), torch.zeros_like(final.z))
+        outs.append(o)
+        Ss.append(final.S)
+        zs.append(final.z)
+    return torch.cat(outs, 1), torch.cat(Ss), torch.cat(zs)
+
+
+def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None, chunk=16,
+             seed=0) -> dict[str, float]:
+    """Forward and backward of the host functions against the reference; gradients of every
+    input, the initial state included, under random output, final-state gradients."""
+    host = _host()
+    q, k, v, g = make_inputs(B, T, Hq, Hk, d, e, dtype=dtype, gated=gated, seed=seed)
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    N = B if cu is None else len(cu) - 1
+    state = None
+    if with_state:
+        st = make_state(N, Hk, d, e, seed=seed + 1)
+        state = (st.S.float(), st.z.float())
+    leaves = [x for x in (q, k, v, g) if x is not None]
+    leaves += [] if state is None else list(state)
+    ref_leaves = [x.double().requires_grad_() for x in leaves]
+    it = iter(ref_leaves)
+    rq, rk, rv = next(it), next(it), next(it)
+    rg = next(it) if gated else None
+    rstate = (next(it), next(it)) if with_state else None
+    ro, rS, rz = _reference(rq, rk, rv, rg, rstate, cu_seqlens)
+
+    gen = torch.Generator().manual_seed(seed + 7)
+    do = torch.randn(ro.shape, generator=gen, dtype=torch.float64)
+    dS = torch.randn(rS.shape, generator=gen, dtype=torch.float64)
+    dz = torch.randn(rz.shape, generator=gen, dtype=torch.float64)
+    torch.autograd.backward([ro, rS, rz], [do, dS, dz])
+
+    S0, z0 = (None, None) if state is None else state
+    scale = d ** -0.5
+    o, S, z = host.forward(q, k, v, g, S0, z0, cu_seqlens, scale, chunk)
+    grads = host.backward(do.to(dtype), dS.float(), dz.float(), q, k, v, g, S0, z0, cu_seqlens,
+                          scale, chunk)
+    errors = {"o": rel_err(o, ro), "S": rel_err(S, rS), "z": rel_err(z, rz)}
+    names = ["dq", "dk", "dv"] + (["dlog_gate"] if gated else []) + \
+        (["dS0", "dz0"] if with_state else [])
+    present = [x for x in grads if x is not None]
+    for name, got, ref in zip(names, present, ref_leaves):
+        errors[name] = rel_err(got, ref.grad)
+    for name, x in [("o", o), ("S", S), ("z", z)] + list(zip(names, present)):
+        if not bool(torch.isfinite(x).all()):
+            errors[name] = float("nan")
+    return errors
+
+
+def case_fp32_gqa_state():
+    return check_op(2, 37, 4, 2, 16, 8, torch.float32)
+
+
+def case_fp16_gqa_state():
+    return check_op(2, 37, 4, 2, 16, 8, torch.float16)
+
+
+def case_fp32_ungated_d32_e24():
+    return check_op(1, 50, 2, 2, 32, 24, torch.float32, gated=False, with_state=False, chunk=32)
+
+
+def case_fp16_d32():
+    return check_op(1, 41, 2, 1, 32, 16, torch.float16, chunk=32)
+
+
+def case_fp32_packed_empty_segment():
+    return check_op(1, 60, 2, 1, 16, 8, torch.float32, cu=[0, 20, 20, 53, 60])
+
+
+def case_fp32_packed_no_state():
+    return check_op(1, 45, 2, 2, 16, 16, torch.float32, with_state=False, cu=[0, 0, 17, 45])
+
+
+def case_public_api_autograd():
+    """``power_retention`` dispatches to the kernels (counted) and matches the reference through
+    autograd, initial and final state included."""
+    host = _host()
+    calls = {"forward": 0, "backward": 0}
+    from power_retention.ops import triton as triton_ops
+    for name in calls:
+        original = getattr(triton_ops, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+        setattr(triton_ops, name, counted)
+    assert host.supported(torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 8), 2)
+    q, k, v, g = make_inputs(1, 29, 2, 1, 16, 8, dtype=torch.float32, requires_grad=True)
+    st = make_state(1, 1, 16, 8, seed=3)
+    S0 = st.S.float().requires_grad_()
+    z0 = st.z.float().requires_grad_()
+    o, final = power_retention(q, k, v, g, initial_state=RetentionState(S0, z0),
+                               output_final_state=True)
+    (o.square().sum() + final.S.sum() + final.z.square().sum()).backward()
+    leaves = [q, k, v, g, S0, z0]
+    ref = [x.detach().double().requires_grad_() for x in leaves]
+    ro, rfinal = attention_reference(*ref[:4], initial_state=RetentionState(ref[4], ref[5]))
+    (ro.square().sum() + rfinal.S.sum() + rfinal.z.square().sum()).backward()
+    errors = {"o": rel_err(o, ro), "S": rel_err(final.S, rfinal.S)}
+    for name, x, r in zip(["dq", "dk", "dv", "dlog_gate", "dS0", "dz0"], leaves, ref):
+        errors[name] = rel_err(x.grad, r.grad)
+    errors["triton_calls_missing"] = float(calls["forward"] != 1 or calls["backward"] != 1)
+    return errors
+
+
+def case_decode():
+    """Token-by-token decoding through ``power_retention_decode`` (the Triton step, and the
+    PyTorch fold every ``chunk_size`` tokens) equals the whole-sequence reference."""
+    _host()
+    from power_retention import power_retention_decode
+    q, k, v, g = make_inputs(2, 21, 4, 2, 16, 8, dtype=torch.float32, seed=5)
+    state = RetentionState.zeros(2, 2, 16, 8)
+    buffer = None
+    outs = []
+    for i in range(q.shape[1]):
+        o, state, buffer = power_retention_decode(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1],
+                                                  g[:, i:i + 1], state, buffer, chunk_size=8)
+        outs.append(o)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), g.double())
+    return {"o": rel_err(torch.cat(outs, 1), ro), "buffer_len": float(buffer.k.shape[1] != 5)}
+
+
+def case_decode_ungated_with_buffer():
+    _host()
+    from power_retention import power_retention_decode
+    q, k, v, _ = make_inputs(1, 6, 2, 1, 32, 8, dtype=torch.float32, seed=6)
+    st = make_state(1, 1, 32, 8, seed=7)
+    state = RetentionState(st.S.float(), st.z.float())
+    buffer = DecodeBuffer(k[:, :5], v[:, :5], torch.zeros(1, 5, 1))
+    o, _, buffer = power_retention_decode(q[:, 5:], k[:, 5:], v[:, 5:], None, state, buffer,
+                                          chunk_size=64)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(),
+                                initial_state=RetentionState(st.S, st.z))
+    return {"o": rel_err(o, ro[:, 5:])}
+
+
+if __name__ == "__main__":
+    print(json.dumps({name: globals()["case_" + name]() for name in sys.argv[1:]}))

@@ -1,0 +1,255 @@
+"""The Triton kernels against the float64 reference.
+
+On the CPU (CI) the kernels run under Triton's interpreter in one subprocess (``TRITON_INTERPRET``
+must be set before Triton is imported, so the rest of the suite keeps its own process): small
+shapes, float32 and float16, forward and backward, odd lengths, GQA, packed sequences with an empty
+segment, initial and final states, outputs poisoned with NaN. The ``gpu`` tests run the compiled
+kernels at realistic sizes, up to a 1M-token sequence; they are skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from power_retention import DecodeBuffer, RetentionState, power_retention, power_retention_decode
+from power_retention.ops.naive import attention_reference
+
+from _helpers import make_state, rel_err
+
+HERE = Path(__file__).parent
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
+CASES = {                       # case in _triton_cases.py -> dtype whose tolerance applies
+    "fp32_gqa_state": torch.float32,
+    "fp16_gqa_state": torch.float16,
+    "fp32_ungated_d32_e24": torch.float32,
+    "fp16_d32": torch.float16,
+    "fp32_packed_empty_segment": torch.float32,
+    "fp32_packed_no_state": torch.float32,
+    "public_api_autograd": torch.float32,
+    "decode": torch.float32,
+    "decode_ungated_with_buffer": torch.float32,
+}
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_triton = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("triton") is None, reason="needs triton")
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """Every case of ``_triton_cases.py`` in one interpreter subprocess: ``{case: errors}``."""
+    src = str(HERE.parent / "src")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    env.pop("POWER_RETENTION_IMPL", None)
+    result = subprocess.run([sys.executable, str(HERE / "_triton_cases.py"), *CASES], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpreted_kernels_match_reference(interpreted, case):
+    errors = interpreted[case]
+    tol = TOLERANCE[CASES[case]]
+    bad = {name: err for name, err in errors.items() if not err <= tol}   # NaN fails too
+    assert not bad, f"{case}: relative errors over {tol}: {bad} (all: {errors})"
+
+
+def test_env_var_forces_the_pytorch_path(monkeypatch):
+    pytest.importorskip("triton")
+    from power_retention.ops.triton import host
+    x = torch.zeros(1, 1, 1, 64, device="cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("POWER_RETENTION_IMPL", "torch")
+    assert not host.supported(x, x, 2)
+    monkeypatch.delenv("POWER_RETENTION_IMPL")
+    assert host.supported(x, x, 4) is False                  # degree 4 runs the PyTorch path
+    assert host.supported(x.double(), x.double(), 2) is False
+
+
+class _TinyRetention(nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads, self.d = heads, d
+        self.qkv = nn.Linear(heads * d, 3 * heads * d)
+        self.gate = nn.Linear(heads * d, heads)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.d).unbind(2)
+        log_gate = F.logsigmoid(self.gate(x).float() + 3)
+        return power_retention(q, k, v, log_gate).flatten(2)
+
+
+def _check_compiled(device, dtype, tol):
+    torch.manual_seed(0)
+    model = _TinyRetention().to(device=device, dtype=dtype)
+    x = torch.randn(2, 37, 32, device=device, dtype=dtype)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.float().square().sum().backward()
+    assert model.qkv.weight.grad is not None and torch.isfinite(model.qkv.weight.grad).all()
+    assert rel_err(out, eager) < tol
+
+
+def test_torch_compile_fullgraph_cpu():
+    _check_compiled("cpu", torch.float32, 1e-5)
+
+
+# ---- GPU -------------------------------------------------------------------------------------
+
+GPU_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+# Known weakness (measured 2.5e-2 on an H200 at d = 64): the kernels form the log-gate gradient
+# as a reverse cumulative sum of q.dq - k.dk, two large terms that nearly cancel, so bf16
+# operands (~3e-3 error in dq, dk) push it past the bf16 tolerance. The tolerance stays; the
+# formula needs to change (accumulate the gate gradient inside the kernels in fp32).
+
+
+def _within(errors: dict, dtype) -> bool:
+    return all(err <= GPU_TOLERANCE[dtype] for err in errors.values())
+
+
+def _gpu_inputs(B, T, Hq, Hk, d, e, dtype, gate_shift=4.0, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+    q, k, v = randn(B, T, Hq, d).to(dtype), randn(B, T, Hk, d).to(dtype), randn(B, T, Hk, e)
+    log_gate = F.logsigmoid(randn(B, T, Hk) + gate_shift)
+    return q, k, v.to(dtype), log_gate
+
+
+_BF16_D128 = pytest.param(
+    torch.bfloat16, 128, id="bf16-d128", marks=pytest.mark.xfail(
+        reason="failed on the H200 on 2026-11-29, cause not found (message cut off); the public "
+               "op sends bf16 at d = 128 to the PyTorch path until this passes", strict=False))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype, d", [pytest.param(torch.bfloat16, 64, id="bf16-d64"), _BF16_D128,
+                                      pytest.param(torch.float16, 64, id="fp16-d64"),
+                                      pytest.param(torch.float32, 128, id="fp32-d128")])
+def test_gpu_forward_backward_match_reference(dtype, d):
+    """The kernels (host functions, whatever the dispatch rule) at realistic sizes: odd T, GQA,
+    states in and out, every gradient against float64."""
+    from power_retention.ops.triton import host
+    B, T, Hq, Hk, e = 2, 1500, 8, 4, d
+    q, k, v, g = _gpu_inputs(B, T, Hq, Hk, d, e, dtype)
+    st = make_state(B, Hk, d, e, seed=2)
+    S0, z0 = st.S.float().cuda(), st.z.float().cuda()
+    o, S, z = host.forward(q, k, v, g, S0, z0, None, d ** -0.5)
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    do = torch.randn(o.shape, device="cuda", generator=gen).to(dtype)
+    dS = torch.randn(S.shape, device="cuda", generator=gen)
+    dz = torch.randn(z.shape, device="cuda", generator=gen)
+    grads = host.backward(do, dS, dz, q, k, v, g, S0, z0, None, d ** -0.5)
+
+    ref = [x.double().requires_grad_() for x in (q, k, v, g, S0, z0)]
+    ro, rfinal = attention_reference(*ref[:4], initial_state=RetentionState(ref[4], ref[5]))
+    torch.autograd.backward([ro, rfinal.S, rfinal.z], [do.double(), dS.double(), dz.double()])
+    errors = {"o": rel_err(o, ro), "S": rel_err(S, rfinal.S), "z": rel_err(z, rfinal.z)}
+    for name, x, r in zip(["dq", "dk", "dv", "dlog_gate", "dS0", "dz0"], grads, ref):
+        errors[name] = rel_err(x, r.grad)
+    print(f"\n{dtype} d={d}: {errors}")                  # streamed with -s, even if cut short
+    assert _within(errors, dtype), f"{dtype} d={d}: {errors}"
+
+
+@gpu
+@needs_cuda
+def test_gpu_packed_sequences_with_empty_segment():
+    dtype, d = torch.bfloat16, 64
+    cu = torch.tensor([0, 700, 700, 2000, 2053], device="cuda", dtype=torch.int32)
+    q, k, v, g = _gpu_inputs(1, 2053, 4, 2, d, d, dtype, seed=3)
+    leaves = [x.requires_grad_() for x in (q, k, v, g)]
+    o, final = power_retention(q, k, v, g, cu_seqlens=cu, output_final_state=True)
+    do = torch.randn_like(o)
+    (o * do).float().sum().backward()
+    bounds = cu.tolist()
+    for n, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])):
+        ref = [x.detach()[:, s:t].double().requires_grad_() for x in leaves]
+        ro, rfinal = attention_reference(*ref)
+        if t == s:
+            assert final.S[n].abs().max() == 0 and final.z[n].abs().max() == 0
+            continue
+        (ro * do[:, s:t].double()).sum().backward()
+        errors = {"o": rel_err(o[:, s:t], ro), "S": rel_err(final.S[n:n + 1], rfinal.S)}
+        for name, x, r in zip(["dq", "dk", "dv", "dlog_gate"], leaves, ref):
+            errors[name] = rel_err(x.grad[:, s:t], r.grad)
+        print(f"\nseq {n}: {errors}")
+        assert _within(errors, dtype), f"seq {n}: {errors}"
+
+
+@torch.no_grad()
+def _sampled_reference(q, k, v, log_gate, positions, window):
+    """fp64 outputs at ``positions`` from the attention form over the ``window`` tokens before
+    each (older ones are weighted below exp(-window * |log_gate|), negligible here). No
+    autograd graph: at 1M tokens one would hold tens of GB through the backward pass."""
+    G = log_gate[0].double().cumsum(0)                                  # [T, H]
+    scale = q.shape[-1] ** -0.5
+    outs = []
+    for i in positions:
+        lo = max(0, i + 1 - window)
+        kk, vv = k[0, lo:i + 1].double(), v[0, lo:i + 1].double()       # [W, H, x]
+        s = torch.einsum("hd,whd->wh", q[0, i].double() * scale, kk)
+        w = s ** 2 * torch.exp(G[i] - G[lo:i + 1])
+        outs.append(torch.einsum("wh,whe->he", w, vv) / w.sum(0).unsqueeze(-1))
+    return torch.stack(outs)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("gate_shift", [7.0, 0.0], ids=["gates-near-1", "fast-decay"])
+def test_gpu_one_million_tokens(gate_shift):
+    T, H, d = 1 << 20, 16, 64
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(1, T, H, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(1, T, H, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(1, T, H, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    g = F.logsigmoid(torch.randn(1, T, H, device="cuda", generator=gen) * 0 + gate_shift)
+    leaves = [x.requires_grad_() for x in (q, k, v, g)]
+    o = power_retention(q, k, v, g)
+    assert torch.isfinite(o).all()
+    positions = torch.randint(0, T, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    positions += [0, T // 2, T - 1]
+    window = 40_000 if gate_shift > 5 else 200
+    ref = _sampled_reference(q, k, v, g, positions, window)
+    err = rel_err(o[0, positions], ref)
+    o.backward(torch.randn_like(o))
+    finite = {name: bool(torch.isfinite(x.grad).all()) for name, x in zip("qkvg", leaves)}
+    del o, leaves, q, k, v, g                  # a failure report must not pin 1M-token tensors
+    torch.cuda.empty_cache()
+    print(f"\n1M tokens, gate shift {gate_shift}: sampled error {err:.2e}, finite grads {finite}")
+    assert err <= GPU_TOLERANCE[torch.bfloat16] and all(finite.values()), (err, finite)
+
+
+@gpu
+@needs_cuda
+def test_gpu_decode_matches_reference():
+    B, L, Hq, Hk, d, e = 64, 23, 16, 16, 64, 64
+    q, k, v, g = _gpu_inputs(B, L + 1, Hq, Hk, d, e, torch.bfloat16, seed=5)
+    st = make_state(B, Hk, d, e, seed=6)
+    state = RetentionState(st.S.float().cuda(), st.z.float().cuda())
+    buffer = DecodeBuffer(k[:, :L], v[:, :L], g[:, :L])
+    o, _, buffer = power_retention_decode(q[:, L:], k[:, L:], v[:, L:], g[:, L:], state, buffer)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), g.double(),
+                                initial_state=RetentionState(st.S.cuda(), st.z.cuda()))
+    assert rel_err(o, ro[:, L:]) <= GPU_TOLERANCE[torch.bfloat16]
+    assert buffer.k.shape[1] == L + 1
+
+
+@gpu
+@needs_cuda
+def test_torch_compile_fullgraph_gpu():
+    _check_compiled("cuda", torch.bfloat16, 2e-2)
