@@ -12,6 +12,10 @@ import sys
 
 COMMANDS = {
     "demo": ("power_retention.demo", "the main job: a demonstration on the embedded default"),
+    "generate": ("power_retention.serving.generate",
+                 "stream a continuation of a prompt from a model folder, with statistics"),
+    "serve": ("power_retention.serving.serve",
+              "OpenAI-compatible HTTP server with continuous batching"),
     "train": ("power_retention.training.train", "train a causal LM on the embedded corpus"),
     "icl": ("power_retention.evaluation.icl", "in-context learning curves: loss vs position"),
     "wsfr": ("power_retention.evaluation.wsfr", "weight-state FLOP ratio of the time mixings"),
