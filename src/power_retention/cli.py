@@ -12,6 +12,7 @@ import sys
 
 COMMANDS = {
     "demo": ("power_retention.demo", "the main job: a demonstration on the embedded default"),
+    "metamorphose": ("power_retention.metamorphosis.command", "transformer -> power retention"),
     "generate": ("power_retention.serving.generate",
                  "stream a continuation of a prompt from a model folder, with statistics"),
     "serve": ("power_retention.serving.serve",
