@@ -35,7 +35,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4, help="query and KV heads")
     parser.add_argument("--head-dim", type=int, default=32, help="d = e")
     parser.add_argument("--deg", type=int, default=2)
-    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[None, 64, 128, 256, 512])
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[0, 64, 128, 256, 512],
+                        help="chunk sizes to time; 0 is the op's own choice")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -46,7 +47,7 @@ def main() -> None:
     log_gate = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 4)
     grad = torch.randn(B, T, H, d, generator=gen)
     rows = []
-    for chunk_size in args.chunk_sizes:
+    for chunk_size in (c or None for c in args.chunk_sizes):
         def forward(c=chunk_size):
             with torch.no_grad():
                 power_retention(q, k, v, log_gate, deg=args.deg, chunk_size=c)
