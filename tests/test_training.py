@@ -146,6 +146,21 @@ def test_checkpoints_are_complete_and_pruned(corpus, tmp_path):
     assert (folder / "power_retention_tokenizer.json").exists()
 
 
+def test_init_from_starts_at_the_folders_weights(corpus, tmp_path):
+    train(small(corpus, tmp_path / "first", preset="softmax", steps=3))
+    start = checkpoint.latest(tmp_path / "first")
+    # with a learning rate of zero AdamW moves nothing (its decay is scaled by lr too)
+    train(small(corpus, tmp_path / "second", preset="power", steps=1, lr=0.0,
+                init_from=str(start)))
+    ours = load_file(checkpoint.latest(tmp_path / "second") / "model.safetensors")
+    theirs = load_file(start / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # the folder's config (softmax attention), not --preset's
+    assert (presets.read_config(checkpoint.latest(tmp_path / "second")).to_dict()
+            == presets.read_config(start).to_dict())
+
+
 def test_any_transformers_config_trains(corpus, tmp_path):
     from transformers import LlamaConfig
 

@@ -31,6 +31,7 @@ import torch
 from .data import ByteTokenizer, document_windows, encode_documents, load_corpus
 from .data.corpus import stdlib_root
 from .evaluation.icl import best_context, binned, position_losses
+from .evaluation.icl import plot as plot_icl
 from .metamorphosis import RECIPES, metamorphose
 from .metamorphosis.finetune import FinetuneConfig, finetune
 from .training import checkpoint, distributed
@@ -219,28 +220,6 @@ def _plot_decode(decode: dict[str, list[dict]], path: Path) -> None:
         ax.legend()
     speed.set_title("Decode time per token")
     memory.set_title("Generation cache memory")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_icl(curves: dict[str, list[dict]], context: int, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for name, rows in curves.items():
-        ax.plot([r["context_mid"] for r in rows], [r["loss"] for r in rows], marker=".",
-                label=name)
-    ax.axvline(context, color="k", ls="--", lw=1, label="source's training context")
-    ax.set_xscale("log")
-    ax.set_xlabel("context position (tokens seen)")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -491,9 +470,10 @@ def run(args) -> int:
                   f"converted + {best_recipe}": tuned}
     icl_rows = {name: binned(position_losses(model, windows, device=device), 16)
                 for name, model in icl_models.items()}
-    _plot_icl(icl_rows, preset.context, out / "icl.png",
-              f"In-context learning over {windows.shape[1] - 1:,} tokens "
-              f"({preset.icl_factor}x the source's training context)")
+    plot_icl(icl_rows, out / "icl.png",
+             f"In-context learning over {windows.shape[1] - 1:,} tokens "
+             f"({preset.icl_factor}x the source's training context)",
+             mark=(preset.context, "source's training context"))
     with (out / "icl.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "context_lo", "context_hi", "context_mid", "loss"])

@@ -66,7 +66,10 @@ def _tokenizer_for(folder: Path, fallback: str):
     return load_tokenizer(fallback)
 
 
-def plot(curves: dict[str, list[dict]], path: str | Path, title: str) -> None:
+def plot(curves: dict[str, list[dict]], path: str | Path, title: str,
+         mark: tuple[int, str] | None = None) -> None:
+    """The curves on a log position axis, each one's best bin starred; ``mark``: a dashed
+    vertical line at a context position, with its legend label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,6 +82,8 @@ def plot(curves: dict[str, list[dict]], path: str | Path, title: str) -> None:
         best = best_context(rows)
         ax.scatter([best["context_mid"]], [best["loss"]], color=line.get_color(), marker="*",
                    s=90, zorder=3)
+    if mark is not None:
+        ax.axvline(mark[0], color="k", ls="--", lw=1, label=mark[1])
     ax.set_xscale("log")
     ax.set_xlabel("context position (tokens seen)")
     ax.set_ylabel("loss (nats/token)")

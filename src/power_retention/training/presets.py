@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 # Backbones. ``chunk_size`` (power and linear) and ``sliding_window`` (window) are set here so
@@ -129,7 +130,10 @@ def build_model(config: PretrainedConfig) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(folder: str | Path) -> PreTrainedModel:
-    """A trained causal LM from a local folder (a checkpoint or any transformers model)."""
+def load_model(folder: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A trained causal LM from a local folder (a checkpoint or any transformers model), in
+    ``dtype`` (default: the one it was saved in)."""
     config = read_config(folder)
-    return AutoModelForCausalLM.from_pretrained(str(folder), config=config)
+    if dtype is None:
+        return AutoModelForCausalLM.from_pretrained(str(folder), config=config)
+    return AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=dtype)
