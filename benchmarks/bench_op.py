@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench_op.json")
     parser.add_argument("--seq-lens", default="1024,4096,8192,16384,65536")
     parser.add_argument("--long", default="262144,1048576", help="batch-1 lengths, ours only")
+    parser.add_argument("--odd", default="3000,65537",
+                        help="odd lengths, ours only, per token against the nearest length")
     parser.add_argument("--decode-batches", default="1,64")
     parser.add_argument("--no-baselines", action="store_true")
     args = parser.parse_args()
@@ -176,13 +179,19 @@ def main() -> None:
             rows.append(time_retention(1, t, mode))
             print(rows[-1], flush=True)
             save()
+    odd = []
+    for t in [int(x) for x in args.odd.split(",") if x]:
+        for mode in ("fwd", "fwd+bwd"):
+            odd.append(time_retention(max(1, TOKENS // t), t, mode))
+            print(odd[-1], flush=True)
+            save(odd=odd)
     for batch in [int(x) for x in args.decode_batches.split(",") if x]:
         for buffered in (0, 62):
             decode.append(time_decode(batch, buffered))
             print(decode[-1], flush=True)
             save()
     breakdown = kernel_breakdown()
-    save(breakdown_t65536=breakdown)
+    save(odd=odd, breakdown_t65536=breakdown)
 
     print(f"\n{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
     print("bf16, 16 heads, d = e = 64, p = 2, gated; median ms (TFLOP/s)")
@@ -201,6 +210,15 @@ def main() -> None:
         peak = f"  peak {ours['peak_gib']:.1f} GiB" if ours and ours["peak_gib"] else ""
         print(f"{t:>9} {batch:>5} {mode:>8} | {fmt(ours)} {ours['chunk'] if ours else '':>5} "
               f"{err:>8} | {fmt(c.get('cuDNN SDPA'))} {fmt(c.get('flash SDPA'))}{peak}")
+    print("\nodd lengths: time per 1k tokens against the nearest round length")
+    ours = [r for r in rows if r["impl"] == "power retention (triton)"]
+    for r in odd:
+        near = min((x for x in ours if x["mode"] == r["mode"]),
+                   key=lambda x: abs(math.log(x["t"] / r["t"])))
+        ratio = r["us_per_ktoken"] / near["us_per_ktoken"]
+        print(f"t {r['t']:>7} batch {r['batch']:>3} {r['mode']:>8}: {r['us_per_ktoken']:8.1f} us"
+              f" vs t {near['t']:>7} batch {near['batch']:>3}: {near['us_per_ktoken']:8.1f} us"
+              f"  ({ratio:.2f}x)")
     print("\ndecode, one token per sequence per layer (16 heads, d = 64, fp32 state)")
     for r in decode:
         print(f"batch {r['batch']:>3} buffered {r['buffered']:>3}: {r['us']:8.1f} us   "

@@ -68,6 +68,7 @@ for name in presets:
 EOF
 
 if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
     cp "$RUNS/icl/icl.png" "$RUNS/icl/icl.csv" "$RUNS/results.md" "$RUNS/wsfr.txt" "$OUT/"
     for preset in $PRESETS; do
         cp "$RUNS/$preset/metrics.jsonl" "$OUT/metrics_$preset.jsonl"

@@ -12,6 +12,6 @@ mkdir -p "$OUT"
 timeout 200 python3 -m pytest -v -s -m gpu tests/test_triton.py ${1:+-k "$1"} 2>&1 \
     | tee "$OUT/gpu_tests.txt" | grep -E "PASS|FAIL|Error|passed|failed|: \{|1M tokens" | tail -30
 echo "gpu tests exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.txt"
-timeout 150 python3 benchmarks/bench_op.py --out "$OUT/bench_op.json" ${BENCH_ARGS:-} 2>&1 \
+timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_op.py --out "$OUT/bench_op.json" ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT/bench_op.txt" | tail -40
 cp -r ~/.cache/power_retention "$OUT/cache" 2>/dev/null || true

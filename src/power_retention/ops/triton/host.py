@@ -47,32 +47,46 @@ def _block(e: int, dtype: torch.dtype) -> int:
 
 
 class _Launcher:
-    """A kernel behind ``triton.autotune`` over warps and stages for bf16 inputs (the fast
-    path the benchmarks time); fp16/fp32 inputs, whose fp32 state tiles need more shared memory,
-    and the interpreter take one fixed configuration, which also bounds compile time."""
+    """A kernel behind ``triton.autotune`` for bf16 inputs (the fast path the benchmarks time)
+    over warps and, for the scans across chunks, the width ``BE`` of the value columns each
+    program carries: narrower blocks give a batch-1 scan more programs to hide its per-chunk
+    latency, wider ones form each ``phi`` tile fewer times. fp16/fp32 inputs, whose fp32 state
+    tiles need more shared memory, and the interpreter take the fixed configuration the call
+    passes, which also bounds compile time. ``grid`` may be a function of the meta-parameters."""
 
-    def __init__(self, fn, key):
+    def __init__(self, fn, key, e_blocks=()):
         self.fn = fn
-        self.tuned = None if INTERPRET else triton.autotune(
-            [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2))],
-            key=key)(fn)
+        self.tuned_names = ("BE",) if e_blocks else ()
+        configs = [triton.Config({"BE": be} if be else {}, num_warps=w, num_stages=2)
+                   for be in (e_blocks or (None,)) for w in (4, 8)]
+        self.tuned = None if INTERPRET else triton.autotune(configs, key=key)(fn)
 
     def __getitem__(self, grid):
         def launch(*args, BF16, **kwargs):
             if self.tuned is not None and BF16:
-                return self.tuned[grid](*args, BF16=BF16, **kwargs)
+                tuned = {k: v for k, v in kwargs.items() if k not in self.tuned_names}
+                return self.tuned[grid](*args, BF16=BF16, **tuned)
             extra = {} if INTERPRET else {"num_warps": 8, "num_stages": 1}
             return self.fn[grid](*args, BF16=BF16, **kwargs, **extra)
         return launch
 
 
-_STATE_KEYS = ["C", "BD", "NB", "BE", "USE_GATE", "BF16"]
+# "SEQS" (sequences x KV heads, bucketed) separates batch-1 scans from wide batches
+_STATE_KEYS = ["C", "BD", "NB", "e", "SEQS", "USE_GATE", "BF16"]
 _CHUNK_KEYS = ["C", "BD", "NB", "EP", "USE_GATE", "BF16"]
-state_fwd = _Launcher(kernels.state_fwd_kernel, _STATE_KEYS)
+state_fwd = _Launcher(kernels.state_fwd_kernel, _STATE_KEYS, e_blocks=(16, 32, 64))
 output_fwd = _Launcher(kernels.output_fwd_kernel, _CHUNK_KEYS)
-state_bwd = _Launcher(kernels.state_bwd_kernel, _STATE_KEYS)
+state_bwd = _Launcher(kernels.state_bwd_kernel, _STATE_KEYS, e_blocks=(16, 32, 64))
 dq_bwd = _Launcher(kernels.dq_kernel, _CHUNK_KEYS)
 dkv_bwd = _Launcher(kernels.dkv_kernel, _CHUNK_KEYS)
+
+
+def _scan_grid(NB: int, e: int, lay: _Layout, Hk: int):
+    """A scan's grid (tile pairs, value blocks, sequences x KV heads) as a function of ``BE``,
+    and its tuning bucket ``SEQS``: sequences x KV heads rounded up to a power of two <= 256."""
+    def grid(meta):
+        return NB * NB, triton.cdiv(e, meta["BE"]), lay.N * Hk
+    return grid, min(256, triton.next_power_of_2(lay.N * Hk))
 
 
 def _pow2(x: int) -> int:
@@ -130,9 +144,9 @@ def _states(q, k, v, g, S0, z0, lay: _Layout, C: int):
     S_T = _empty(lay.N, Hk, D, e, dtype=torch.float32, device=q.device)
     z_T = _empty(lay.N, Hk, D, dtype=torch.float32, device=q.device)
     if lay.N:
-        grid = (NB * NB, triton.cdiv(e, BE), lay.N * Hk)
+        grid, seqs = _scan_grid(NB, e, lay, Hk)
         state_fwd[grid](k, v, g, S0, z0, states, zstates, S_T, z_T, lay.cu, lay.chunk_offsets,
-                        Hk, d, e, D, C=C, BD=bd, NB=NB, BE=BE, USE_GATE=g is not None,
+                        Hk, d, e, D, seqs, C=C, BD=bd, NB=NB, BE=BE, USE_GATE=g is not None,
                         HAS_INIT=S0 is not None, LOOP_FOR=not INTERPRET, **_flags(q.dtype))
     return states, zstates, S_T, z_T
 
@@ -206,48 +220,31 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, scale: float
     dz0 = _empty(lay.N, Hk, D, dtype=torch.float32, device=q.device)
     dS_T, dz_T = dS_T.contiguous().float(), dz_T.contiguous().float()
     if lay.N:
-        grid = (NB * NB, triton.cdiv(e, BE), lay.N * Hk)
+        grid, seqs = _scan_grid(NB, e, lay, Hk)
         state_bwd[grid](qf, gf, dof, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0, dz0,
-                        lay.cu, lay.chunk_offsets, scale, Hq, Hk, d, e, D, Hq // Hk, C=C,
+                        lay.cu, lay.chunk_offsets, scale, Hq, Hk, d, e, D, seqs, Hq // Hk, C=C,
                         BD=bd, NB=NB, BE=BE, LOOP_FOR=not INTERPRET, **flags)
 
     dq = _empty(*qf.shape, dtype=q.dtype, device=q.device)
     dk = _empty(*kf.shape, dtype=q.dtype, device=q.device)
     dv = _empty(*vf.shape, dtype=q.dtype, device=q.device)
-    qdq = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
-    kdk = _empty(Ttot, Hk, dtype=torch.float32, device=q.device)
+    dg_q = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
+    dg_k = _empty(Ttot, Hk, dtype=torch.float32, device=q.device)
     if lay.n_chunks:
-        dq_bwd[(lay.n_chunks, Hq)](qf, kf, vf, gf, states, zstates, dof, inv_den, dyz, dq, qdq,
+        dq_bwd[(lay.n_chunks, Hq)](qf, kf, vf, gf, states, zstates, dof, inv_den, dyz, dq, dg_q,
                                    lay.cu, lay.chunk_indices, scale, Hq, Hk, d, e, C=C, BD=bd,
                                    NB=NB, EP=EP, **flags)
-        dkv_bwd[(lay.n_chunks, Hk)](qf, kf, vf, gf, dstates, dzstates, dof, inv_den, dyz, dk,
-                                    dv, kdk, lay.cu, lay.chunk_indices, scale, Hq, Hk, d, e,
-                                    Hq // Hk, C=C, BD=bd, NB=NB, EP=EP, **flags)
+        dkv_bwd[(lay.n_chunks, Hk)](qf, kf, vf, gf, states, zstates, dstates, dzstates, dof,
+                                    inv_den, dyz, dk, dv, dg_k, lay.cu, lay.chunk_indices, scale,
+                                    Hq, Hk, d, e, Hq // Hk, C=C, BD=bd, NB=NB, EP=EP, **flags)
 
     dg = None
-    if log_gate is not None:
-        dg = _gate_grad(qdq, kdk, S_T, z_T, dS_T, dz_T, lay, Hq // Hk).to(log_gate.dtype)
-        dg = dg.view(B, T, Hk)
+    if log_gate is not None:     # the two kernels' parts of it (kernels._straddle_intra)
+        dg = dg_q.view(Ttot, Hk, Hq // Hk).sum(-1) + dg_k
+        dg = dg.view(B, T, Hk).to(log_gate.dtype)
     shape = lambda x, ref: x.view(ref.shape)  # noqa: E731
     return (shape(dq, q), shape(dk, k), shape(dv, v), dg,
             None if S0 is None else dS0, None if z0 is None else dz0)
-
-
-def _gate_grad(qdq, kdk, S_T, z_T, dS_T, dz_T, lay: _Layout, groups: int) -> torch.Tensor:
-    """``dlog_gate``: every term of the output is homogeneous of degree 2 in ``q_i`` (with
-    ``exp(G_i)``) and in ``k_j`` (with ``exp(-G_j)``), so ``dL/dG_m = (q_m.dq_m - k_m.dk_m) / 2``
-    plus ``<state_T, dstate_T>`` at each sequence's last token; the log-gates then get the
-    reverse cumulative sum of that within their sequence (in float64)."""
-    Ttot, Hk = kdk.shape
-    dG = (qdq.view(Ttot, Hk, groups).sum(-1) - kdk).double() / 2
-    last = (S_T.double() * dS_T).sum((-1, -2)) + (z_T.double() * dz_T).sum(-1)     # [N, Hk]
-    nonempty = lay.lengths > 0
-    dG.index_add_(0, lay.cu[1:][nonempty] - 1, last[nonempty])
-    # sum over m >= t, scanned along the contiguous (last) dimension, which is fast on GPUs
-    rc = dG.t().contiguous().flip(1).cumsum(1).flip(1)                 # [Hk, Ttot]
-    rc = torch.cat([rc, rc.new_zeros(Hk, 1)], 1)
-    seq_end = torch.repeat_interleave(lay.cu[1:], lay.lengths, output_size=Ttot)
-    return (rc[:, :-1] - rc[:, seq_end]).t().float()
 
 
 def decode_output(q, k, v, log_gate, S, z, scale: float) -> torch.Tensor:

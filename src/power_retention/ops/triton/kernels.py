@@ -79,6 +79,25 @@ def _chunk_gates(g, t, mt, i_h, Hk, USE_GATE: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _straddle_intra(m, C: tl.constexpr):
+    """``[C]``: for each position ``t``, the sum of ``m_ij`` over the pairs ``j < t <= i``.
+
+    The gate gradient. A log-gate ``log g_t`` multiplies every weight ``w_ij`` with
+    ``j < t <= i`` by ``g_t`` (and the state terms alike), so ``dL/dlog g_t`` is the sum of
+    ``dw_ij w_ij`` over the pairs that straddle ``t``. The kernels add it by where the pair's
+    ends lie: both in the chunk (here, ``m = dw * w`` of one query head), the query in the
+    chunk and the key before it (``dq_kernel``), the key in the chunk and the query after it,
+    or both outside (``dkv_kernel``). Every term is a sum of such products in fp32; the
+    equivalent ``sum_{m >= t} (q_m.dq_m - k_m.dk_m) / 2`` cancels large terms and loses the
+    precision of bf16 operands.
+    """
+    before = tl.cumsum(m, axis=1) - m                                   # sum over j < t
+    i = tl.arange(0, C)[:, None]
+    t = tl.arange(0, C)[None, :]
+    return tl.sum(tl.where(i >= t, before, 0.0), axis=0)
+
+
+@triton.jit
 def _dot(x, y, BF16: tl.constexpr, PREC: tl.constexpr):
     """fp32-accumulated product; bf16 operands for bf16 inputs, fp32 (tf32/ieee) otherwise."""
     if BF16:
@@ -118,13 +137,14 @@ def _state_fwd_chunk(k, v, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, H
 
 @triton.jit
 def state_fwd_kernel(k, v, g, S0, z0, states, zstates, S_T, z_T, cu_seqlens, chunk_offsets,
-                     Hk, d, e, D,
+                     Hk, d, e, D, SEQS,
                      C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, BE: tl.constexpr,
                      USE_GATE: tl.constexpr, HAS_INIT: tl.constexpr, BF16: tl.constexpr,
                      PREC: tl.constexpr, LOOP_FOR: tl.constexpr):
     """Scan across chunks for one (tile, e-block, sequence x KV head): writes the state entering
     every chunk into ``states [chunks, Hk, NT, F, e]`` / ``zstates [chunks, Hk, NT, F]`` and the
-    final state into ``S_T [N, Hk, D, e]`` / ``z_T [N, Hk, D]`` (exact layout)."""
+    final state into ``S_T [N, Hk, D, e]`` / ``z_T [N, Hk, D]`` (exact layout). ``SEQS`` is
+    only a key of the autotuner (host.py)."""
     pid_t, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = pid_nh // Hk, pid_nh % Hk
     a, b = pid_t // NB, pid_t % NB
@@ -291,14 +311,15 @@ def _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz, n, chunk
 
 @triton.jit
 def state_bwd_kernel(q, g, do, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0, dz0,
-                     cu_seqlens, chunk_offsets, scale, Hq, Hk, d, e, D,
+                     cu_seqlens, chunk_offsets, scale, Hq, Hk, d, e, D, SEQS,
                      GROUPS: tl.constexpr,
                      C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, BE: tl.constexpr,
                      USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr,
                      LOOP_FOR: tl.constexpr):
     """Reverse scan of the state gradient for one (tile, e-block, sequence x KV head): writes
     the gradient of the state at the end of every chunk into ``dstates`` / ``dzstates`` and the
-    gradient of the initial state into ``dS0`` / ``dz0`` (exact layout)."""
+    gradient of the initial state into ``dS0`` / ``dz0`` (exact layout). ``SEQS`` as in
+    ``state_fwd_kernel``."""
     pid_t, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = pid_nh // Hk, pid_nh % Hk
     a, b = pid_t // NB, pid_t % NB
@@ -343,11 +364,12 @@ def state_bwd_kernel(q, g, do, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0,
 
 
 @triton.jit
-def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, qdq, cu_seqlens, chunk_indices,
-              scale, Hq, Hk, d, e,
+def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, dg_q, cu_seqlens,
+              chunk_indices, scale, Hq, Hk, d, e,
               C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, EP: tl.constexpr,
               USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
-    """Gradient of ``q`` for one (chunk, query head), and ``q . dq`` for the gate gradient."""
+    """Gradient of ``q`` for one (chunk, query head), and this head's part of the gate
+    gradient that involves the chunk's queries (see ``_straddle_intra``)."""
     i_c, i_hq = tl.program_id(0), tl.program_id(1)
     i_h = i_hq // (Hq // Hk)
     i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
@@ -380,6 +402,7 @@ def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, qdq, cu_seqlens
     dw = _dot(dyv, tl.trans(vv.to(tl.float32)), BF16, PREC) + dy1[:, None]
     ds = dw * decay * 2.0 * s                                          # [C, C]
     grad = _dot(ds, kk, BF16, PREC) * scale                            # [C, DK]
+    gate_part = _straddle_intra(dw * s * s * decay, C)
 
     # through the incoming state: dphi(s q_i) = exp(gc_i) (dy_v S^T + dy_z z^T)
     grad_s = tl.zeros([C, DK], tl.float32)
@@ -400,19 +423,24 @@ def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, qdq, cu_seqlens
             ga, gb = _sympow_tile_grad(w, qa, qb, _pair_coef(a, b, BD), C, BD)
             grad_s = _put_block(grad_s, ga, a, NB, BD, C)
             grad_s = _put_block(grad_s, gb, b, NB, BD, C)
-    grad += tl.exp(gc)[:, None] * grad_s * scale
+    grad_s = tl.exp(gc)[:, None] * grad_s * scale
+    grad += grad_s
     tl.store(dq + (t[:, None] * Hq + i_hq) * d + rd[None, :], grad.to(dq.dtype.element_ty),
              mask=mt[:, None])
-    tl.store(qdq + t * Hq + i_hq, tl.sum(qq.to(tl.float32) * grad, axis=1), mask=mt)
+    # pairs (earlier chunk or initial state, query i >= t of this chunk): by homogeneity of
+    # degree 2, q_i . dq_i (state part) is twice their sum for query i
+    from_state = tl.sum(qq.to(tl.float32) * grad_s, axis=1) * 0.5
+    gate_part += tl.sum(from_state, axis=0) - tl.cumsum(from_state, axis=0) + from_state
+    tl.store(dg_q + t * Hq + i_hq, gate_part, mask=mt)
 
 
 @triton.jit
-def dkv_kernel(q, k, v, g, dstates, dzstates, do, inv_den, dyz, dk, dv, kdk, cu_seqlens,
-               chunk_indices, scale, Hq, Hk, d, e, GROUPS: tl.constexpr,
+def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, do, inv_den, dyz, dk, dv, dg_k,
+               cu_seqlens, chunk_indices, scale, Hq, Hk, d, e, GROUPS: tl.constexpr,
                C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, EP: tl.constexpr,
                USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
     """Gradients of ``k`` and ``v`` for one (chunk, KV head), summed over its query heads, and
-    ``k . dk`` for the gate gradient."""
+    the part of the gate gradient that involves the chunk's keys or no token of the chunk."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
     j = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
@@ -455,6 +483,7 @@ def dkv_kernel(q, k, v, g, dstates, dzstates, do, inv_den, dyz, dk, dv, kdk, cu_
     to_end = tl.exp(g_last - gc)
     grad_ks = tl.zeros([C, DK], tl.float32)
     grad_vs = tl.zeros([C, EP], tl.float32)
+    across = tl.zeros([F], tl.float32)                 # <state in, its gradient at the end>
     base = (i_c * Hk + i_h) * NT
     rf = tl.arange(0, F)
     for a in range(NB):
@@ -469,19 +498,28 @@ def dkv_kernel(q, k, v, g, dstates, dzstates, do, inv_den, dyz, dk, dv, kdk, cu_
             dSt = tl.load(dstates + slot * F * e + rf[:, None] * e + re[None, :],
                           mask=me[None, :], other=0.0)
             dzt = tl.load(dzstates + slot * F + rf)
+            St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
+                         mask=me[None, :], other=0.0)
+            across += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), axis=1)
+            across += tl.load(zstates + slot * F + rf) * dzt
             phi = _sympow_tile(ka, kb, coef, C, BD)
             grad_vs += _dot(phi, dSt, BF16, PREC)
             w = _dot(vv, tl.trans(dSt), BF16, PREC) + dzt[None, :]    # [C, F]
             ga, gb = _sympow_tile_grad(w, ka, kb, coef, C, BD)
             grad_ks = _put_block(grad_ks, ga, a, NB, BD, C)
             grad_ks = _put_block(grad_ks, gb, b, NB, BD, C)
-    grad_k += to_end[:, None] * grad_ks
+    grad_ks = to_end[:, None] * grad_ks
+    grad_k += grad_ks
     grad_v += to_end[:, None] * grad_vs
     tl.store(dk + (t[:, None] * Hk + i_h) * d + rd[None, :], grad_k.to(dk.dtype.element_ty),
              mask=mt[:, None])
     tl.store(dv + (t[:, None] * Hk + i_h) * e + re[None, :], grad_v.to(dv.dtype.element_ty),
              mask=mt[:, None] & me[None, :])
-    tl.store(kdk + t * Hk + i_h, tl.sum(kk.to(tl.float32) * grad_k, axis=1), mask=mt)
+    # pairs (key j < t of this chunk, later chunk or final state): k_j . dk_j (state part) is
+    # twice their sum for key j; pairs (before the chunk, after it) pass the whole chunk
+    to_state = tl.sum(kk.to(tl.float32) * grad_ks, axis=1) * 0.5
+    gate_part = tl.cumsum(to_state, axis=0) - to_state + tl.exp(g_last) * tl.sum(across, axis=0)
+    tl.store(dg_k + t * Hk + i_h, gate_part, mask=mt)
 
 
 @triton.jit
