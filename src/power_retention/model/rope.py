@@ -94,6 +94,8 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [B, T, H, head_dim]`` by the angles of ``cos, sin [B, T, head_dim]``."""
+    """Rotate ``x [B, T, H, head_dim]`` by the angles of ``cos, sin [B, T, head_dim]``; the
+    result keeps the dtype of ``x`` (under bf16 autocast the angles are fp32 while the
+    projections are bf16, and ``q, k, v`` must share a dtype)."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + rotate_half(x) * sin
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
