@@ -175,11 +175,18 @@ def _run_forward(q, k, v, g, S0, z0, cu_seqlens, scale, C):
     return o.view(B, T, *o.shape[1:]), S_T, z_T
 
 
-def _chunk(chunk_size, *args) -> int:
-    """An explicit chunk size the kernels can take (a power of two, 16..256) or a tuned one."""
+def _largest_chunk(dtype: torch.dtype) -> int:
+    """fp16/fp32 inputs keep fp32 state tiles, whose kernels pass the H200's shared memory
+    (227 KiB) at 128-token chunks: the chunk is a speed setting, so it is capped here."""
+    return max(CHUNK_CANDIDATES) if dtype == torch.bfloat16 else 64
+
+
+def _chunk(chunk_size, q, *args) -> int:
+    """An explicit chunk size (a power of two from 16, capped by ``_largest_chunk``) or a
+    tuned one."""
     if chunk_size in (16, 32, 64, 128, 256):
-        return chunk_size
-    return pick_chunk_size(*args)
+        return min(chunk_size, _largest_chunk(q.dtype))
+    return pick_chunk_size(q, *args)
 
 
 def forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale: float, chunk_size: int | None = None):
@@ -308,8 +315,9 @@ def pick_chunk_size(q, k, v, log_gate, S0, z0, cu_seqlens, scale) -> int:
         bd = _block(e, q.dtype)
         per_chunk = Hk * (d // bd) * (d // bd + 1) // 2 * bd * bd * (e * 2 + 4)
         budget = torch.cuda.get_device_properties(q.device).total_memory / 4
-        fits = [C for C in CHUNK_CANDIDATES if 2 * per_chunk * (B * T / C + B) <= budget]
-        times = {max(CHUNK_CANDIDATES): 0.0} if not fits else {}
+        fits = [C for C in CHUNK_CANDIDATES if 2 * per_chunk * (B * T / C + B) <= budget
+                and C <= _largest_chunk(q.dtype)]
+        times = {min(max(CHUNK_CANDIDATES), _largest_chunk(q.dtype)): 0.0} if not fits else {}
         for C in fits:
             def run(C=C):
                 return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C)
