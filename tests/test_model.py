@@ -285,6 +285,19 @@ def test_bad_config_fails_at_construction(overrides, message):
 # -- training -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("time_mixing", ["power", "linear", "softmax", "window"])
+def test_trains_under_bf16_autocast(time_mixing):
+    """The GPU training recipe (bf16 autocast) on the CPU: RoPE's fp32 angles must not leave
+    q, k in fp32 beside bf16 v (the op requires one dtype)."""
+    model = tiny_model(dtype=torch.float32, time_mixing=time_mixing).train()
+    ids = random_ids(2, 11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss.detach())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_gradient_checkpointing_same_gradients():
     ids = random_ids(2, 13)
     grads = []
