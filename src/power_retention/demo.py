@@ -85,7 +85,7 @@ PRESETS: dict[str, Preset] = {
     # one GPU: the figures of the issue (docs/metamorphosis.md)
     "gpu": Preset(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, intermediate_size=1408, context=1024, batch_size=32,
-                  source_steps=6000, finetune_steps=300, attention_steps=50, source_lr=1e-3,
+                  source_steps=3000, finetune_steps=150, attention_steps=50, source_lr=1e-3,
                   finetune_lr=3e-4, chunk_size=128, eval_batches=16, icl_factor=8,
                   icl_windows=32, decode_contexts=(1024, 4096, 16384, 65536),
                   decode_tokens=32, recipes=RECIPES, device="cuda"),
