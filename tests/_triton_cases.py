@@ -82,9 +82,9 @@ def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None,
 
     S0, z0 = (None, None) if state is None else state
     scale = d ** -0.5
-    o, S, z = host.forward(q, k, v, g, S0, z0, cu_seqlens, scale, chunk)
+    o, S, z, den = host.forward(q, k, v, g, S0, z0, cu_seqlens, scale, chunk)
     grads = host.backward(do.to(dtype), dS.float(), dz.float(), q, k, v, g, S0, z0, cu_seqlens,
-                          scale, chunk)
+                          o, den, scale, chunk)
     errors = {"o": rel_err(o, ro), "S": rel_err(S, rS), "z": rel_err(z, rz)}
     names = ["dq", "dk", "dv"] + (["dlog_gate"] if gated else []) + \
         (["dS0", "dz0"] if with_state else [])

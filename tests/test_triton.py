@@ -161,12 +161,12 @@ def test_gpu_forward_backward_match_reference(dtype, d):
     q, k, v, g = _gpu_inputs(B, T, Hq, Hk, d, e, dtype)
     st = make_state(B, Hk, d, e, seed=2)
     S0, z0 = st.S.float().cuda(), st.z.float().cuda()
-    o, S, z = host.forward(q, k, v, g, S0, z0, None, d ** -0.5)
+    o, S, z, den = host.forward(q, k, v, g, S0, z0, None, d ** -0.5)
     gen = torch.Generator(device="cuda").manual_seed(9)
     do = torch.randn(o.shape, device="cuda", generator=gen).to(dtype)
     dS = torch.randn(S.shape, device="cuda", generator=gen)
     dz = torch.randn(z.shape, device="cuda", generator=gen)
-    grads = host.backward(do, dS, dz, q, k, v, g, S0, z0, None, d ** -0.5)
+    grads = host.backward(do, dS, dz, q, k, v, g, S0, z0, None, o, den, d ** -0.5)
 
     ref = [x.double().requires_grad_() for x in (q, k, v, g, S0, z0)]
     ro, rfinal = attention_reference(*ref[:4], initial_state=RetentionState(ref[4], ref[5]))

@@ -34,13 +34,15 @@ def _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
 @torch.library.custom_op("power_retention::forward", mutates_args=())
 def _forward(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None, S0: Tensor | None,
              z0: Tensor | None, cu_seqlens: Tensor | None, deg: int, scale: float,
-             chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+             chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(o, S, z, den)``: output, final state and the denominators ``[B, T, Hq]``, which the
+    Triton backward reuses with ``o`` instead of recomputing the outputs."""
     if _use_triton(q, v, deg):
         return _triton_ops.forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
                                    chunk_size or None)
-    o, final = _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size)
+    o, final, den = _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size)
     # custom-op outputs may not alias inputs (an empty sequence returns its initial state)
-    return o, final.S.clone(), final.z.clone()
+    return o, final.S.clone(), final.z.clone(), den
 
 
 @_forward.register_fake
@@ -50,17 +52,17 @@ def _(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     D, dt = sympow_dim(d, deg), compute_dtype(q.dtype)
     return (q.new_empty(B, T, Hq, e), q.new_empty(N, Hk, D, e, dtype=dt),
-            q.new_empty(N, Hk, D, dtype=dt))
+            q.new_empty(N, Hk, D, dtype=dt), q.new_empty(B, T, Hq, dtype=dt))
 
 
 @torch.library.custom_op("power_retention::backward", mutates_args=())
 def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tensor, v: Tensor,
               log_gate: Tensor | None, S0: Tensor | None, z0: Tensor | None,
-              cu_seqlens: Tensor | None, deg: int, scale: float,
-              chunk_size: int) -> list[Tensor]:
+              cu_seqlens: Tensor | None, o: Tensor, den: Tensor, deg: int,
+              scale: float, chunk_size: int) -> list[Tensor]:
     if _use_triton(q, v, deg):
         grads = _triton_ops.backward(grad_o, grad_S, grad_z, q, k, v, log_gate, S0, z0,
-                                     cu_seqlens, scale, chunk_size or None)
+                                     cu_seqlens, o, den, scale, chunk_size or None)
         return [g.contiguous() for g in grads if g is not None]   # as the fake promises
     # Recompute the forward and differentiate it, rather than storing its intermediates.
     # torch.func.vjp works here, where the custom op runs below the autograd dispatch key.
@@ -72,8 +74,8 @@ def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tens
         g_ = next(it) if log_gate is not None else None
         S_ = next(it) if S0 is not None else None
         z_ = next(it) if z0 is not None else None
-        o, final = _run(q_, k_, v_, g_, S_, z_, cu_seqlens, deg, scale, chunk_size)
-        return o, final.S, final.z
+        o_, final, _ = _run(q_, k_, v_, g_, S_, z_, cu_seqlens, deg, scale, chunk_size)
+        return o_, final.S, final.z
 
     _, vjp = torch.func.vjp(forward, *inputs)
     grads = vjp((grad_o, grad_S, grad_z))
@@ -90,19 +92,21 @@ def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tens
 
 
 @_backward.register_fake
-def _(grad_o, grad_S, grad_z, q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
+def _(grad_o, grad_S, grad_z, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, deg, scale,
+      chunk_size):
     return [x.new_empty(x.shape) for x in (q, k, v, log_gate, S0, z0) if x is not None]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:7])
+    # o and den: the Triton backward reuses them (the PyTorch one recomputes everything)
+    ctx.save_for_backward(*inputs[:7], output[0], output[3])
     ctx.params = inputs[7:]
 
 
-def _autograd_backward(ctx, grad_o, grad_S, grad_z):
-    q, k, v, log_gate, S0, z0, cu_seqlens = ctx.saved_tensors
+def _autograd_backward(ctx, grad_o, grad_S, grad_z, grad_den):
+    q, k, v, log_gate, S0, z0, cu_seqlens, o, den = ctx.saved_tensors
     grads = iter(_backward(grad_o.contiguous(), grad_S.contiguous(), grad_z.contiguous(), q, k, v,
-                           log_gate, S0, z0, cu_seqlens, *ctx.params))
+                           log_gate, S0, z0, cu_seqlens, o, den, *ctx.params))
     dq, dk, dv = next(grads), next(grads), next(grads)
     dg = next(grads) if log_gate is not None else None
     dS = next(grads) if S0 is not None else None
@@ -153,7 +157,7 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None = N
     deg, scale = check_inputs(q, k, v, log_gate, deg, scale, chunk_size, initial_state,
                               cu_seqlens)
     S0, z0 = (None, None) if initial_state is None else initial_state
-    o, S, z = _forward(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size or 0)
+    o, S, z, _ = _forward(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size or 0)
     return (o, RetentionState(S, z)) if output_final_state else o
 
 

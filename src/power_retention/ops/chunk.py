@@ -31,8 +31,8 @@ def chunk_forward(q, k, v, log_gate, initial_state, *, deg, scale, chunk_size):
     """Power retention over a batch of equal-length sequences.
 
     q [B,T,Hq,d], k [B,T,Hk,d], v [B,T,Hk,e], log_gate [B,T,Hk] or None, initial_state a
-    RetentionState of [B,...] or None. Returns ``o [B,T,Hq,e]`` (input dtype) and the final
-    RetentionState (compute dtype).
+    RetentionState of [B,...] or None. Returns ``o [B,T,Hq,e]`` (input dtype), the final
+    RetentionState and the denominators ``den [B,T,Hq]`` (compute dtype).
     """
     B, T, Hq, d = q.shape
     Hk, e = k.shape[2], v.shape[-1]
@@ -82,10 +82,12 @@ def chunk_forward(q, k, v, log_gate, initial_state, *, deg, scale, chunk_size):
     num = num + from_start * (sympow_embed(qc, deg) @ incoming.unsqueeze(2))
     den = num[..., -1:]
     o = num[..., :-1] / torch.where(den == 0, 1, den)
-    o = o.flatten(1, 2).movedim(1, 3).flatten(1, 2)[:, :T]             # [B, T, Hq, e]
+
+    def positions(x):                       # [B, Hk, g, N, c, x] -> [B, T, Hq, x]
+        return x.flatten(1, 2).movedim(1, 3).flatten(1, 2)[:, :T]
 
     final = RetentionState(state[..., :-1], state[..., -1])
-    return o.to(q.dtype).contiguous(), final
+    return positions(o).to(q.dtype).contiguous(), final, positions(den)[..., 0].contiguous()
 
 
 def chunk_forward_varlen(q, k, v, log_gate, initial_state, cu_seqlens, *, deg, scale,
@@ -93,17 +95,22 @@ def chunk_forward_varlen(q, k, v, log_gate, initial_state, cu_seqlens, *, deg, s
     """``chunk_forward`` over packed sequences (B == 1) delimited by ``cu_seqlens [N+1]``,
     each sequence independent, with its own initial and final state."""
     bounds = cu_seqlens.tolist()
-    outputs, finals = [], []
+    outputs, finals, dens = [], [], []
     for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         init = None if initial_state is None else RetentionState(
             initial_state.S[n:n + 1], initial_state.z[n:n + 1])
         gate = None if log_gate is None else log_gate[:, start:end]
-        o, final = chunk_forward(q[:, start:end], k[:, start:end], v[:, start:end], gate, init,
-                                 deg=deg, scale=scale, chunk_size=chunk_size)
+        o, final, den = chunk_forward(q[:, start:end], k[:, start:end], v[:, start:end], gate,
+                                      init, deg=deg, scale=scale, chunk_size=chunk_size)
         outputs.append(o)
         finals.append(final)
-    o = torch.cat(outputs, 1) if outputs else q.new_zeros(*q.shape[:3], v.shape[-1])
+        dens.append(den)
+    dt = compute_dtype(q.dtype)
     if not finals:
-        return o, RetentionState.zeros(0, k.shape[2], q.shape[-1], v.shape[-1], deg,
-                                       device=q.device, dtype=compute_dtype(q.dtype))
-    return o, RetentionState(torch.cat([f.S for f in finals]), torch.cat([f.z for f in finals]))
+        return (q.new_zeros(*q.shape[:3], v.shape[-1]),
+                RetentionState.zeros(0, k.shape[2], q.shape[-1], v.shape[-1], deg,
+                                     device=q.device, dtype=dt),
+                q.new_zeros(*q.shape[:3], dtype=dt))
+    return (torch.cat(outputs, 1),
+            RetentionState(torch.cat([f.S for f in finals]), torch.cat([f.z for f in finals])),
+            torch.cat(dens, 1))

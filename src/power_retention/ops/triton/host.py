@@ -172,8 +172,8 @@ def _run_forward(q, k, v, g, S0, z0, cu_seqlens, scale, C):
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     gf = None if g is None else _flat(g)
     states, zstates, S_T, z_T = _states(qf, kf, vf, gf, S0, z0, lay, C)
-    o, _ = _outputs(qf, kf, vf, gf, states, zstates, lay, scale, C)
-    return o.view(B, T, *o.shape[1:]), S_T, z_T
+    o, den = _outputs(qf, kf, vf, gf, states, zstates, lay, scale, C)
+    return o.view(B, T, *o.shape[1:]), S_T, z_T, den.view(B, T, -1)
 
 
 def _largest_chunk(dtype: torch.dtype) -> int:
@@ -191,16 +191,17 @@ def _chunk(chunk_size, q, *args) -> int:
 
 
 def forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale: float, chunk_size: int | None = None):
-    """``(o [B,T,Hq,e], S [N,Hk,D,e], z [N,Hk,D])``; arguments as ``power_retention``'s, the
-    initial state split into ``S0, z0`` (or None). ``chunk_size`` None picks a tuned one."""
+    """``(o [B,T,Hq,e], S [N,Hk,D,e], z [N,Hk,D], den [B,T,Hq])``; arguments as
+    ``power_retention``'s, the initial state split into ``S0, z0`` (or None). ``chunk_size``
+    None picks a tuned one. ``den`` (fp32 denominators) lets ``backward`` skip the outputs."""
     C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale)
     return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C)
 
 
-def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, scale: float,
+def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scale: float,
              chunk_size: int | None = None):
-    """Gradients ``dq, dk, dv, dlog_gate, dS0, dz0`` (None for absent inputs), recomputing the
-    chunk states and outputs rather than storing them."""
+    """Gradients ``dq, dk, dv, dlog_gate, dS0, dz0`` (None for absent inputs), given
+    ``forward``'s ``o`` and ``den``; the chunk states are recomputed rather than stored."""
     C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale)
     B, T, Hq, d = q.shape
     Hk, e = k.shape[2], v.shape[3]
@@ -213,8 +214,8 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, scale: float
     flags = dict(USE_GATE=gf is not None, **_flags(q.dtype))
     Ttot = B * T
 
-    states, zstates, S_T, z_T = _states(qf, kf, vf, gf, S0, z0, lay, C)
-    o, den = _outputs(qf, kf, vf, gf, states, zstates, lay, scale, C)
+    states, zstates, _, _ = _states(qf, kf, vf, gf, S0, z0, lay, C)
+    o, den = _flat(o), den.reshape(Ttot, Hq)
     inv_den = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
     dyz = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
     if Ttot:
