@@ -14,6 +14,11 @@ transformer case whose KV cache does not fit ``--memory-limit-gb`` is reported a
 Before timing, each model checks that prefill + one decode step gives the logits of one full
 forward.
 
+On a GPU the steps replay CUDA graphs (``--no-cuda-graphs``: eager), so the host's kernel
+launches do not set the time: power retention through ``GraphedDecoder`` (the cache advancing
+for real, one graph per buffer phase), the transformer as one captured step over a static
+cache of exactly ``t + 1`` slots, as a ``StaticCache`` would hold.
+
     python benchmarks/bench_serving.py                     # GPU preset on a GPU, small on a CPU
     python benchmarks/bench_serving.py --preset small --contexts 1024 16384 --batch-sizes 1
     python benchmarks/bench_serving.py --output bench_serving.json
@@ -34,13 +39,16 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from power_retention.model import (  # noqa: E402
+    GraphedDecoder,
     PowerRetentionCache,
     PowerRetentionConfig,
     PowerRetentionForCausalLM,
+    graphable,
 )
 
 PRESETS = {
@@ -134,29 +142,78 @@ def build_cache(model, context: int, batch: int, args) -> PowerRetentionCache:
     return cache
 
 
-@torch.inference_mode()
-def time_decode(model, cache, context: int, batch: int, args) -> dict:
-    """Mean seconds per decode step over ``args.steps`` steps after ``args.warmup``."""
+class FixedContextLayer(DynamicLayer):
+    """A transformer layer's KV cache of exactly ``context + 1`` slots whose last slot every
+    step overwrites: the work of one decode step at this context with a static KV cache
+    (preallocated, written in place, as transformers' ``StaticCache``), so the step can be
+    captured in a CUDA graph and replayed."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys[:, :, -1:].copy_(key_states)
+        self.values[:, :, -1:].copy_(value_states)
+        return self.keys, self.values
+
+
+def stepper(model, cache, context: int, batch: int, args):
+    """``step(i)``: decode step ``i`` (position ``context + i``), returning the logits; eager,
+    or replaying CUDA graphs with ``args.cuda_graphs``: power retention through
+    ``GraphedDecoder`` (one graph per buffer phase, the cache advancing for real), the
+    transformer as one captured step over a fixed-context cache (:class:`FixedContextLayer`)."""
     device = args.device
     token = random_ids(batch, 1, model.config.vocab_size, device, seed=4)
 
-    def step(position: int):
-        positions = torch.full((batch, 1), position, device=device, dtype=torch.long)
+    def eager(i: int):
+        positions = torch.full((batch, 1), context + i, device=device, dtype=torch.long)
         return model(token, position_ids=positions, past_key_values=cache, use_cache=True,
                      logits_to_keep=1).logits
 
-    for i in range(args.warmup):
-        step(context + i)
+    if not args.cuda_graphs:
+        return eager
+    if graphable(model):
+        decoder, cpu_token = GraphedDecoder(model, cache), token[:, 0].cpu()
+        return lambda i: decoder.step(cpu_token, [context + i] * batch)
+    for layer in cache.layers:                  # one more slot, then written in place
+        layer.keys = torch.cat([layer.keys, layer.keys[:, :, -1:]], 2)
+        layer.values = torch.cat([layer.values, layer.values[:, :, -1:]], 2)
+        layer.__class__ = FixedContextLayer
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            eager(i)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = eager(0)
+
+    def replay(i: int):
+        graph.replay()
+        return logits
+    return replay
+
+
+@torch.inference_mode()
+def time_decode(model, cache, context: int, batch: int, args) -> dict:
+    """Mean seconds per decode step over ``args.steps`` steps after the warm-up (with CUDA
+    graphs, at least two buffer cycles: every phase is then captured)."""
+    device = args.device
+    step = stepper(model, cache, context, batch, args)
+    warmup = args.warmup
+    if args.cuda_graphs and graphable(model):
+        warmup = max(warmup, 2 * model.config.decode_chunk_size + 1)
+    for i in range(warmup):
+        step(i)
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for i in range(args.steps):
-        logits = step(context + args.warmup + i)
+        logits = step(warmup + i)
     synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
     result = {"ms_per_step": seconds * 1e3, "tokens_per_s": batch / seconds,
-              "cache_bytes": cache.nbytes(), "finite": bool(torch.isfinite(logits).all())}
+              "cache_bytes": cache.nbytes(), "finite": bool(torch.isfinite(logits).all()),
+              "cuda_graphs": args.cuda_graphs}
     if device.type == "cuda":
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
@@ -169,7 +226,7 @@ def serving_load(model, kind: str, args) -> dict:
     from power_retention.serving import Engine, EngineLimits, RetentionBackend, SamplingParams
     from power_retention.serving.tokens import TextTokenizer
 
-    backend = RetentionBackend(model, kind)
+    backend = RetentionBackend(model, kind, cuda_graphs=args.cuda_graphs)
     count = args.serving_load
     engine = Engine(backend, TextTokenizer(ByteTokenizer()), EngineLimits(
         memory_budget_bytes=1 << 50, max_batch_size=count, max_concurrent_requests=count))
@@ -240,10 +297,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "engine (continuous batching) and report its throughput; 0: off")
     parser.add_argument("--load-prompt-tokens", type=int, default=512)
     parser.add_argument("--load-new-tokens", type=int, default=128)
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="time eager decode steps (on a GPU the default replays CUDA "
+                             "graphs: the host's launch overhead out of the loop)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
     parser.add_argument("--output", default=None, help="write all results here as JSON")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.cuda_graphs = args.cuda_graphs and args.device.type == "cuda"
     preset = args.preset if args.preset != "auto" else (
         "gpu" if args.device.type == "cuda" else "small")
     for key, value in PRESETS[preset].items():
@@ -262,7 +323,8 @@ def main(argv=None) -> list[dict]:
     else:
         hardware = f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     print(f"bench_serving: preset {args.preset} on {args.device} ({hardware}), "
-          f"torch {torch.__version__}, {args.dtype}", flush=True)
+          f"torch {torch.__version__}, {args.dtype}, "
+          f"{'CUDA graphs' if args.cuda_graphs else 'eager'} decode", flush=True)
     limit = memory_limit_bytes(args)
     rows = []
     for kind in args.models:

@@ -54,3 +54,29 @@ def test_demo_reuses_the_source_checkpoint(report, capsys):
     assert main(["demo", "--preset", "tiny", "--out", str(report), "--recipes", "next-token",
                  "--finetune-steps", "1", "--no-progress"]) == 0
     assert "source training (reused checkpoint)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["llama", "power"])
+def test_decode_profile_prefills_long_contexts_in_pieces(kind, monkeypatch):
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from power_retention import demo
+    from power_retention.model import PowerRetentionConfig, PowerRetentionForCausalLM
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    model = (LlamaForCausalLM(LlamaConfig(**sizes)) if kind == "llama"
+             else PowerRetentionForCausalLM(PowerRetentionConfig(chunk_size=8, **sizes)))
+    stream = np.random.default_rng(0).integers(0, 256, 200)
+    whole = demo.decode_profile(model, stream, (50, 150), 2, torch.device("cpu"))
+    monkeypatch.setattr(demo, "PREFILL_PIECE", 16)            # 150 tokens in 10 pieces
+    pieces = demo.decode_profile(model, stream, (50, 150), 2, torch.device("cpu"))
+    assert [r["cache_bytes"] for r in pieces] == [r["cache_bytes"] for r in whole]
+    first, second = (r["cache_bytes"] for r in pieces)
+    if kind == "llama":           # every token's keys and values: 50 + 2 and 150 + 2 tokens
+        assert first * 152 == second * 52
+    else:                         # a fixed-size state
+        assert first == second

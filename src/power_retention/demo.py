@@ -91,6 +91,7 @@ PRESETS: dict[str, Preset] = {
                   decode_tokens=32, recipes=RECIPES, device="cuda"),
 }
 
+PREFILL_PIECE = 2048                  # tokens per forward call when filling a cache
 REPORT_FILES = ("report.md", "loss.png", "icl.png", "decode.png", "icl.csv", "results.json")
 
 
@@ -124,14 +125,20 @@ def cache_bytes(cache) -> int:
 @torch.no_grad()
 def decode_profile(model, stream: np.ndarray, contexts: tuple[int, ...], new_tokens: int,
                    device: torch.device) -> list[dict]:
-    """For each context length: prefill that many validation tokens, then time ``new_tokens``
-    greedy steps one token at a time; the median time per token and the cache's bytes after."""
+    """For each context length: prefill that many validation tokens (in pieces of
+    ``PREFILL_PIECE``: a softmax model's attention over a whole long prompt at once would need
+    memory quadratic in it), then time ``new_tokens`` greedy steps one token at a time; the
+    median time per token and the cache's bytes after."""
     model.eval()
     rows = []
     for length in contexts:
         prompt = torch.from_numpy(stream[:length].astype(np.int64))[None].to(device)
-        out = model(input_ids=prompt, use_cache=True)
-        cache, times = out.past_key_values, []
+        cache = None
+        for start in range(0, length, PREFILL_PIECE):
+            out = model(input_ids=prompt[:, start:start + PREFILL_PIECE], past_key_values=cache,
+                        use_cache=True)
+            cache = out.past_key_values
+        times = []
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
             if device.type == "cuda":

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache import PowerRetentionCache, RecurrentCacheLayer
 from .configuration import PowerRetentionConfig
+from .graphs import GraphedDecoder, graphable
 from .linear_attention import feature_map, linear_attention
 from .modeling import (
     PowerRetentionAttention,
@@ -23,7 +24,9 @@ AutoConfig.register(PowerRetentionConfig.model_type, PowerRetentionConfig, exist
 AutoModel.register(PowerRetentionConfig, PowerRetentionModel, exist_ok=True)
 AutoModelForCausalLM.register(PowerRetentionConfig, PowerRetentionForCausalLM, exist_ok=True)
 
-__all__ = ["PowerRetentionAttention", "PowerRetentionBlock", "PowerRetentionCache",
+__all__ = ["GraphedDecoder", "PowerRetentionAttention", "PowerRetentionBlock",
+           "PowerRetentionCache",
            "PowerRetentionConfig", "PowerRetentionForCausalLM", "PowerRetentionModel",
            "PowerRetentionPreTrainedModel", "RecurrentCacheLayer", "RotaryEmbedding",
-           "apply_rope", "feature_map", "linear_attention", "rope_frequencies"]
+           "apply_rope", "feature_map", "graphable", "linear_attention",
+           "rope_frequencies"]

@@ -31,6 +31,8 @@ class RecurrentCacheLayer(CacheLayerMixin):
     before the first token. The buffer lives in tensors of a fixed capacity
     (``buffer_k [B, capacity, Hk, d]``, ``buffer_v [B, capacity, Hk, e]``,
     ``buffer_log_gate [B, capacity, Hk]``) of which the first ``buffer_len`` tokens are in use.
+    With ``in_place`` (set by ``GraphedDecoder``) a new state is copied into the tensors of the
+    old one, so a captured CUDA graph keeps reading and writing the same memory.
     """
 
     is_sliding = False
@@ -47,6 +49,7 @@ class RecurrentCacheLayer(CacheLayerMixin):
         self.buffer_log_gate: Tensor | None = None
         self.buffer_len = 0
         self.seen_tokens = 0
+        self.in_place = False
         self.device: torch.device | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -70,7 +73,12 @@ class RecurrentCacheLayer(CacheLayerMixin):
     def update(self, state: RetentionState, buffer: DecodeBuffer | None = None,
                num_new_tokens: int = 1) -> None:
         """Store the state and buffer after ``num_new_tokens`` more tokens."""
-        self.state, self.device = state, state.S.device
+        if self.in_place and self.state is not None:
+            if state.S is not self.state.S:
+                self.state.S.copy_(state.S)
+                self.state.z.copy_(state.z)
+        else:
+            self.state, self.device = state, state.S.device
         n = 0 if buffer is None else buffer.k.shape[1]
         if n:
             if not self.is_initialized:

@@ -28,8 +28,11 @@ def _same_device(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
 
 
 def _values_checkable() -> bool:
-    # Value checks read tensors back to the host; a compiled graph cannot, so it skips them.
-    return not torch.compiler.is_compiling()
+    # Value checks read tensors back to the host; a compiled graph or a CUDA graph being
+    # captured cannot, so they skip them.
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def check_deg(deg) -> int:

@@ -25,7 +25,15 @@ def _sympow_layout(d: int, deg: int) -> tuple[tuple[tuple[int, ...], ...], tuple
 
 def sympow_layout(d: int, deg: int, device: torch.device | str | None = None,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The embedding's layout as tensors: indices ``[D, deg]`` (int64) and coefficients ``[D]``."""
+    """The embedding's layout as tensors: indices ``[D, deg]`` (int64) and coefficients ``[D]``
+    (made once per device and dtype: no host-to-device copy per call, which a CUDA graph being
+    captured could not hold). Read-only."""
+    return _sympow_layout_tensors(d, deg, torch.device(device or "cpu"), dtype)
+
+
+@cache
+def _sympow_layout_tensors(d: int, deg: int, device: torch.device, dtype: torch.dtype
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     index, coef = _sympow_layout(d, deg)
     return (torch.tensor(index, dtype=torch.long, device=device).reshape(len(index), deg),
             torch.tensor(coef, dtype=dtype, device=device))

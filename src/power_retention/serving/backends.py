@@ -10,6 +10,8 @@ backend to grow it (:meth:`join`), shrink it (:meth:`keep`) and advance it one t
 - :class:`RetentionBackend` serves a ``PowerRetentionForCausalLM`` (any mix of power, linear,
   softmax and window layers): the batch is one ``PowerRetentionCache`` and a step is one
   forward over all sequences. Sequences at different positions share it exactly: see its doc.
+  On a GPU, a model of power/linear layers only replays CUDA graphs of the step
+  (``model.graphs.GraphedDecoder``) while the batch's rows stay the same.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from power_retention.model.graphs import GraphedDecoder, graphable
 
 
 class Backend(Protocol):
@@ -136,6 +140,13 @@ class RetentionBatch:
 
     cache: Any
     mask: Tensor | None = None
+    decoder: Any = None                   # GraphedDecoder of these rows, built on first step
+
+    def drop_decoder(self) -> None:
+        """Forget the CUDA graphs (before the rows change: they hold the old tensors)."""
+        if self.decoder is not None:
+            self.decoder.release()
+            self.decoder = None
 
     @property
     def rows(self) -> int:
@@ -159,9 +170,10 @@ class RetentionBackend:
     keys and values, left-padded to the longest row and masked out through ``attention_mask``.
     """
 
-    def __init__(self, model, name: str = "model") -> None:
+    def __init__(self, model, name: str = "model", cuda_graphs: bool = True) -> None:
         self.model = model.eval()
         self.name = name
+        self.cuda_graphs = cuda_graphs and graphable(model)
         config = model.config
         self.config = config
         self.kinds = list(config.layer_time_mixing)
@@ -204,6 +216,7 @@ class RetentionBackend:
                 else None)
         if batch is None:
             return RetentionBatch(cache, mask)
+        batch.drop_decoder()
         rows = batch.rows
         total = max(length, batch.cache.get_seq_length())
         for kind, into, layer in zip(self.kinds, batch.cache.layers, cache.layers):
@@ -249,6 +262,7 @@ class RetentionBackend:
             return None
         if rows == list(range(batch.rows)):
             return batch
+        batch.drop_decoder()
         batch.cache.batch_select_indices(torch.tensor(rows, device=self.device))
         if self.has_kv:
             batch.mask = batch.mask[rows]
@@ -275,6 +289,10 @@ class RetentionBackend:
 
     @torch.inference_mode()
     def step(self, batch: RetentionBatch, tokens: list[int], positions: list[int]) -> Tensor:
+        if self.cuda_graphs:
+            if batch.decoder is None:
+                batch.decoder = GraphedDecoder(self.model, batch.cache)
+            return batch.decoder.step(tokens, positions)
         input_ids = torch.tensor(tokens, device=self.device)[:, None]
         position_ids = torch.tensor(positions, device=self.device)[:, None]
         attention_mask = None
@@ -302,8 +320,10 @@ def _pad_left(t: Tensor, length: int, dim: int = -2) -> Tensor:
     return torch.cat([t.new_zeros(shape), t], dim)
 
 
-def make_backend(model, name: str = "model") -> RetentionBackend | SequentialBackend:
-    """The batched backend for the project's models, the sequential one for any other."""
+def make_backend(model, name: str = "model", cuda_graphs: bool = True
+                 ) -> RetentionBackend | SequentialBackend:
+    """The batched backend for the project's models (with CUDA graphs where they apply and
+    ``cuda_graphs``), the sequential one for any other."""
     if getattr(model.config, "model_type", None) == "power_retention":
-        return RetentionBackend(model, name)
+        return RetentionBackend(model, name, cuda_graphs)
     return SequentialBackend(model, name)

@@ -119,7 +119,8 @@ def run(args) -> int:
                                 top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
                                 seed=args.seed, stop=tuple(args.stop),
                                 ignore_eos=args.ignore_eos)
-        backend, tokenizer = load_backend(args.model, args.device, args.dtype)
+        backend, tokenizer = load_backend(args.model, args.device, args.dtype,
+                                           cuda_graphs=args.cuda_graphs)
         check_vocabulary(backend, tokenizer)
     except (ValueError, ModelLoadError) as error:
         print(f"power-retention generate: error: {error}", file=sys.stderr)

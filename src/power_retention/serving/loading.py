@@ -23,7 +23,9 @@ class ModelLoadError(Exception):
     """The model folder is missing or unusable; the message says what to do."""
 
 
-def add_model_arguments(parser) -> None:
+def add_model_arguments(parser, cuda_graphs: bool = True) -> None:
+    """``--model``, ``--device``, ``--dtype`` and the CUDA-graph switch (on by default with
+    ``cuda_graphs``: ``--no-cuda-graphs`` turns it off; off otherwise: ``--cuda-graphs``)."""
     parser.add_argument("--model", metavar="FOLDER", default=None,
                         help="model folder (transformers save_pretrained format); its tokenizer "
                              "is used when it has one, UTF-8 bytes (ids 0..255) otherwise")
@@ -31,6 +33,15 @@ def add_model_arguments(parser) -> None:
                         help="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="weights' dtype; 'auto': bfloat16 on a GPU, float32 on the CPU")
+    if cuda_graphs:
+        parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                            help="decode eagerly; by default a power/linear model on a GPU "
+                                 "replays CUDA graphs of its decode step")
+    else:
+        parser.add_argument("--cuda-graphs", action="store_true",
+                            help="replay CUDA graphs of the decode step (power/linear models on "
+                                 "a GPU) while the running batch stays the same; pays off when "
+                                 "it stays so for over ~150 steps (docs/serving.md)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,11 +78,11 @@ def load_model(folder: str | Path | None, device: str = "auto", dtype: str = "au
     return model.to(target).eval(), load_text_tokenizer(folder)
 
 
-def load_backend(folder, device: str = "auto", dtype: str = "auto", name: str | None = None
-                 ) -> tuple:
+def load_backend(folder, device: str = "auto", dtype: str = "auto", name: str | None = None,
+                 cuda_graphs: bool = True) -> tuple:
     """``(backend, tokenizer)``: the batched backend for power/linear models (see backends)."""
     model, tokenizer = load_model(folder, device, dtype)
-    return make_backend(model, name or Path(folder).name), tokenizer
+    return make_backend(model, name or Path(folder).name, cuda_graphs), tokenizer
 
 
 def check_vocabulary(backend, tokenizer: TextTokenizer) -> None:

@@ -16,7 +16,7 @@ from .loading import ModelLoadError, add_model_arguments, check_vocabulary, load
 
 
 def add_arguments(parser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, cuda_graphs=False)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0 exposes the server to the network)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -49,7 +49,8 @@ def run(args) -> int:
 
     try:
         name = args.served_model_name or (Path(args.model).name if args.model else None)
-        backend, tokenizer = load_backend(args.model, args.device, args.dtype, name)
+        backend, tokenizer = load_backend(args.model, args.device, args.dtype, name,
+                                           args.cuda_graphs)
         check_vocabulary(backend, tokenizer)
     except ModelLoadError as error:
         print(f"power-retention serve: error: {error}", file=sys.stderr)
