@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One device call: the GPU tests (Triton kernels, CUDA-graph decoding), then the benchmark
-# (BENCHMARKS.md protocol); every result lands under $OUT. Run from the repository root on the
-# GPU machine:
+# One device call: the GPU tests (Triton kernels, CUDA-graph decoding), then the kernel benchmark
+# (BENCHMARKS.md protocol) and the decode/serving benchmark; every result lands under $OUT. Run
+# from the repository root on the GPU machine:
 #     OUT=/some/dir bash scripts/gpu.sh [pytest -k expression]
-# TEST_TIMEOUT (170 s per group of tests) and BENCH_TIMEOUT (250 s) keep it inside one 600 s call.
+# TEST_TIMEOUT (170 s per group of tests), BENCH_TIMEOUT (250 s) and SERVING_TIMEOUT (200 s;
+# 0 skips it) keep it inside one 600 s call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
@@ -21,4 +22,8 @@ for selection in "${selections[@]}"; do
 done
 timeout ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_op.py --out "$OUT/bench_op.json" ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT/bench_op.txt" | tail -40
+if [ "${SERVING_TIMEOUT:-200}" != 0 ]; then
+    timeout ${SERVING_TIMEOUT:-200} python3 benchmarks/bench_serving.py \
+        --output "$OUT/bench_serving.json" 2>&1 | tee "$OUT/bench_serving.txt" | tail -25
+fi
 cp -r ~/.cache/power_retention "$OUT/cache" 2>/dev/null || true

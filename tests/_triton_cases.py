@@ -106,11 +106,16 @@ def case_fp16_gqa_state():
 
 
 def case_fp32_ungated_d32_e24():
-    return check_op(1, 50, 2, 2, 32, 24, torch.float32, gated=False, with_state=False, chunk=32)
+    return check_op(1, 50, 2, 2, 32, 24, torch.float32, gated=False, with_state=False, chunk=64)
 
 
 def case_fp16_d32():
     return check_op(1, 41, 2, 1, 32, 16, torch.float16, chunk=32)
+
+
+def case_fp32_wide_values():
+    """e > 64 in fp32: index blocks of 8, padded to 16 columns for the matrix units."""
+    return check_op(1, 23, 2, 1, 16, 72, torch.float32, chunk=16)
 
 
 def case_fp32_packed_empty_segment():

@@ -32,6 +32,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "fp16_gqa_state": torch.float16,
     "fp32_ungated_d32_e24": torch.float32,
     "fp16_d32": torch.float16,
+    "fp32_wide_values": torch.float32,
     "fp32_packed_empty_segment": torch.float32,
     "fp32_packed_no_state": torch.float32,
     "public_api_autograd": torch.float32,
@@ -67,15 +68,41 @@ def test_interpreted_kernels_match_reference(interpreted, case):
     assert not bad, f"{case}: relative errors over {tol}: {bad} (all: {errors})"
 
 
-def test_env_var_forces_the_pytorch_path(monkeypatch):
+@needs_triton
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_kernels_compile_for_hopper(dtype):
+    """Every kernel compiles for sm_90 without a GPU (Triton carries ptxas), so a kernel that
+    the interpreter runs but the compiler rejects fails here, not on the device; the report
+    reads each kernel's registers from the cubin."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(HERE.parent / "benchmarks" / "kernel_resources.py"), "--dtype", dtype,
+         "--chunks", "64", "--blocks", "16", "--warps", "8"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert {row[0] for row in rows} == {
+        "state_fwd_kernel", "state_bwd_kernel", "output_fwd_kernel", "dq_kernel", "dkv_kernel",
+        "prepare_bwd_kernel", "decode_kernel"}
+    assert all(1 <= int(row[4]) <= 255 for row in rows), result.stdout
+
+
+def test_dispatch_rule_and_env_var_forcing_the_pytorch_path(monkeypatch):
     pytest.importorskip("triton")
     from power_retention.ops.triton import host
-    x = torch.zeros(1, 1, 1, 64, device="cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(host, "INTERPRET", True)       # CPU tensors count as the kernels' here
+    x = torch.zeros(1, 1, 1, 64)
+    assert host.supported(x, x, 2)
     monkeypatch.setenv("POWER_RETENTION_IMPL", "torch")
     assert not host.supported(x, x, 2)
     monkeypatch.delenv("POWER_RETENTION_IMPL")
-    assert host.supported(x, x, 4) is False                  # degree 4 runs the PyTorch path
-    assert host.supported(x.double(), x.double(), 2) is False
+    assert not host.supported(x, x, 4)                       # degree 4 runs the PyTorch path
+    assert not host.supported(x.double(), x.double(), 2)
+    odd = torch.zeros(1, 1, 1, 48)                           # kernels take power-of-two heads
+    assert not host.supported(odd, odd, 2)
+    wide = torch.zeros(1, 1, 1, 128)
+    assert host.supported(wide, wide, 2)                     # fp32 at d = 128 passed on the GPU
+    assert not host.supported(wide.bfloat16(), wide.bfloat16(), 2)     # bf16 there did not
 
 
 def test_chunk_size_capped_for_fp32_state_tiles():

@@ -14,7 +14,7 @@ import triton
 
 from . import kernels
 
-BD = 16                      # index block: tiles of phi are BD x BD = 256 features ...
+BD, KP = 8, 16     # index blocks of 8 (tiles of 64 features), their slices padded to 16 columns
 CHUNK_CANDIDATES = (64, 128)
 SMALL_PROBLEM = 1 << 15      # fewer tokens per call than this take the smallest chunk untimed
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -39,12 +39,7 @@ def supported(q: torch.Tensor, v: torch.Tensor, deg: int) -> bool:
     # -(do . o) / den sums 128 bf16-rounded outputs (docs/benchmarks.md, run 4).
     largest = 128 if q.dtype == torch.float32 else 64
     return (deg == 2 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and d % BD == 0 and 16 <= d <= largest and 1 <= e <= 128)
-
-
-def _block(e: int, dtype: torch.dtype) -> int:
-    """... or 8 x 8 = 64 where fp32 state tiles of 256 rows and > 64 columns overflow SRAM."""
-    return BD if dtype == torch.bfloat16 or e <= 64 else 8
+            and d in (16, 32, 64, 128) and d <= largest and 1 <= e <= 128)
 
 
 class _Launcher:
@@ -53,7 +48,9 @@ class _Launcher:
     program carries: narrower blocks give a batch-1 scan more programs to hide its per-chunk
     latency, wider ones form each ``phi`` tile fewer times. fp16/fp32 inputs, whose fp32 state
     tiles need more shared memory, and the interpreter take the fixed configuration the call
-    passes, which also bounds compile time. ``grid`` may be a function of the meta-parameters."""
+    passes, which also bounds compile time. ``grid`` may be a function of the meta-parameters.
+    (Capping 8 warps at 128 registers, so two programs share a multiprocessor, was tried on the
+    H200 and changed no kernel's time: docs/benchmarks.md, run 7.)"""
 
     def __init__(self, fn, key, e_blocks=()):
         self.fn = fn
@@ -83,10 +80,10 @@ dkv_bwd = _Launcher(kernels.dkv_kernel, _CHUNK_KEYS)
 
 
 def _scan_grid(NB: int, e: int, lay: _Layout, Hk: int):
-    """A scan's grid (tile pairs, value blocks, sequences x KV heads) as a function of ``BE``,
-    and its tuning bucket ``SEQS``: sequences x KV heads rounded up to a power of two <= 256."""
+    """A scan's grid (tiles, value blocks, sequences x KV heads) as a function of ``BE``, and
+    its tuning bucket ``SEQS``: sequences x KV heads rounded up to a power of two <= 256."""
     def grid(meta):
-        return NB * NB, triton.cdiv(e, meta["BE"]), lay.N * Hk
+        return NB * (NB + 1) // 2, triton.cdiv(e, meta["BE"]), lay.N * Hk
     return grid, min(256, triton.next_power_of_2(lay.N * Hk))
 
 
@@ -133,9 +130,8 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 def _states(q, k, v, g, S0, z0, lay: _Layout, C: int):
     """Run the forward scan: chunk states ``[chunks, Hk, NT, F, e]`` and the final state."""
     Hk, d, e = k.shape[1], k.shape[2], v.shape[2]
-    bd = _block(e, q.dtype)
-    NB, D = d // bd, d * (d + 1) // 2
-    NT, F = NB * (NB + 1) // 2, bd * bd
+    NB, D = d // BD, d * (d + 1) // 2
+    NT, F = NB * (NB + 1) // 2, BD * BD
     BE = min(64, _pow2(e))
     # bf16 inputs keep the chunk states in bf16 (the products read them as bf16 anyway);
     # fp16 ones keep fp32, since fp16 states would overflow over long ungated contexts
@@ -147,22 +143,22 @@ def _states(q, k, v, g, S0, z0, lay: _Layout, C: int):
     if lay.N:
         grid, seqs = _scan_grid(NB, e, lay, Hk)
         state_fwd[grid](k, v, g, S0, z0, states, zstates, S_T, z_T, lay.cu, lay.chunk_offsets,
-                        Hk, d, e, D, seqs, C=C, BD=bd, NB=NB, BE=BE, USE_GATE=g is not None,
-                        HAS_INIT=S0 is not None, LOOP_FOR=not INTERPRET, **_flags(q.dtype))
+                        Hk, d, e, D, seqs, C=C, BD=BD, KP=KP, NB=NB, BE=BE,
+                        USE_GATE=g is not None, HAS_INIT=S0 is not None, LOOP_FOR=not INTERPRET,
+                        **_flags(q.dtype))
     return states, zstates, S_T, z_T
 
 
 def _outputs(q, k, v, g, states, zstates, lay: _Layout, scale: float, C: int):
     Ttot, Hq, d = q.shape
     Hk, e = k.shape[1], v.shape[2]
-    bd = _block(e, q.dtype)
     o = _empty(Ttot, Hq, e, dtype=q.dtype, device=q.device)
     den = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
     if lay.n_chunks:
         output_fwd[(lay.n_chunks, Hq)](q, k, v, g, states, zstates, o, den, lay.cu,
-                                       lay.chunk_indices, scale, Hq, Hk, d, e, C=C, BD=bd,
-                                       NB=d // bd, EP=_pow2(e), USE_GATE=g is not None,
-                                       **_flags(q.dtype))
+                                       lay.chunk_indices, scale, Hq, Hk, d, e, C=C, BD=BD,
+                                       KP=KP, NB=d // BD, EP=_pow2(e),
+                                       USE_GATE=g is not None, **_flags(q.dtype))
     return o, den
 
 
@@ -182,12 +178,13 @@ def _largest_chunk(dtype: torch.dtype) -> int:
     return max(CHUNK_CANDIDATES) if dtype == torch.bfloat16 else 64
 
 
-def _chunk(chunk_size, q, *args) -> int:
+def _chunk(chunk_size, q, *args, for_backward: bool = False) -> int:
     """An explicit chunk size (a power of two from 16, capped by ``_largest_chunk``) or a
-    tuned one."""
+    tuned one (forward and backward are tuned apart: the backward recomputes its own chunk
+    states, and its kernels hold more per chunk)."""
     if chunk_size in (16, 32, 64, 128, 256):
         return min(chunk_size, _largest_chunk(q.dtype))
-    return pick_chunk_size(q, *args)
+    return pick_chunk_size(q, *args, for_backward=for_backward)
 
 
 def forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale: float, chunk_size: int | None = None):
@@ -202,16 +199,15 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scal
              chunk_size: int | None = None):
     """Gradients ``dq, dk, dv, dlog_gate, dS0, dz0`` (None for absent inputs), given
     ``forward``'s ``o`` and ``den``; the chunk states are recomputed rather than stored."""
-    C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale)
+    C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale, for_backward=True)
     B, T, Hq, d = q.shape
     Hk, e = k.shape[2], v.shape[3]
-    bd = _block(e, q.dtype)
-    NB, D = d // bd, d * (d + 1) // 2
+    NB, D = d // BD, d * (d + 1) // 2
     BE, EP = min(64, _pow2(e)), _pow2(e)
     lay = _Layout(B, T, cu_seqlens, C, q.device)
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(do)
     gf = None if log_gate is None else _flat(log_gate)
-    flags = dict(USE_GATE=gf is not None, **_flags(q.dtype))
+    flags = dict(USE_GATE=gf is not None, KP=KP, **_flags(q.dtype))
     Ttot = B * T
 
     states, zstates, _, _ = _states(qf, kf, vf, gf, S0, z0, lay, C)
@@ -232,7 +228,7 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scal
         grid, seqs = _scan_grid(NB, e, lay, Hk)
         state_bwd[grid](qf, gf, dof, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0, dz0,
                         lay.cu, lay.chunk_offsets, scale, Hq, Hk, d, e, D, seqs, Hq // Hk, C=C,
-                        BD=bd, NB=NB, BE=BE, LOOP_FOR=not INTERPRET, **flags)
+                        BD=BD, NB=NB, BE=BE, LOOP_FOR=not INTERPRET, **flags)
 
     dq = _empty(*qf.shape, dtype=q.dtype, device=q.device)
     dk = _empty(*kf.shape, dtype=q.dtype, device=q.device)
@@ -241,11 +237,11 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scal
     dg_k = _empty(Ttot, Hk, dtype=torch.float32, device=q.device)
     if lay.n_chunks:
         dq_bwd[(lay.n_chunks, Hq)](qf, kf, vf, gf, states, zstates, dof, inv_den, dyz, dq, dg_q,
-                                   lay.cu, lay.chunk_indices, scale, Hq, Hk, d, e, C=C, BD=bd,
+                                   lay.cu, lay.chunk_indices, scale, Hq, Hk, d, e, C=C, BD=BD,
                                    NB=NB, EP=EP, **flags)
         dkv_bwd[(lay.n_chunks, Hk)](qf, kf, vf, gf, states, zstates, dstates, dzstates, dof,
                                     inv_den, dyz, dk, dv, dg_k, lay.cu, lay.chunk_indices, scale,
-                                    Hq, Hk, d, e, Hq // Hk, C=C, BD=bd, NB=NB, EP=EP, **flags)
+                                    Hq, Hk, d, e, Hq // Hk, C=C, BD=BD, NB=NB, EP=EP, **flags)
 
     dg = None
     if log_gate is not None:     # the two kernels' parts of it (kernels._straddle_intra)
@@ -262,11 +258,13 @@ def decode_output(q, k, v, log_gate, S, z, scale: float) -> torch.Tensor:
     last). Returns ``o [B,1,Hq,e]``."""
     B, _, Hq, d = q.shape
     L, Hk, e = k.shape[1], k.shape[2], v.shape[3]
-    bd = _block(e, q.dtype)
+    # decoding reads the exact layout, so its tiles are free: 16 x 16 ones (8 x 8 for e > 64,
+    # whose fp32 state tiles would crowd the registers) make fewer, fuller programs and partials
+    bd = 16 if e <= 64 else 8
     NB, D, EP = d // bd, d * (d + 1) // 2, _pow2(e)
     NT = NB * (NB + 1) // 2
     part = _empty(B, Hq, NT, EP + 1, dtype=torch.float32, device=q.device)
-    kernels.decode_kernel[(B * Hq, NB * NB)](
+    kernels.decode_kernel[(B * Hq, NT)](
         q.contiguous(), k.contiguous(), v.contiguous(), log_gate, S.contiguous(), z.contiguous(),
         part, scale, Hq, Hk, d, e, D, L, LP=_pow2(L), BD=bd, NB=NB, EP=EP,
         USE_GATE=log_gate is not None)
@@ -295,9 +293,10 @@ def _bucket(q, k, v, log_gate, cu_seqlens) -> str:
             f"|tok2^{max(tokens, 1).bit_length()}|seq2^{per_seq.bit_length()}")
 
 
-def pick_chunk_size(q, k, v, log_gate, S0, z0, cu_seqlens, scale) -> int:
-    """Chunk size for this shape: the fastest forward of ``CHUNK_CANDIDATES`` on this GPU,
-    measured on the first call of each shape bucket and remembered on disk."""
+def pick_chunk_size(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
+                    for_backward: bool = False) -> int:
+    """Chunk size for this shape: the fastest forward (or backward) of ``CHUNK_CANDIDATES`` on
+    this GPU, measured on the first call of each shape bucket and remembered on disk."""
     global _chunk_cache
     if not q.is_cuda:
         return 16                                  # interpreter: small and many chunks
@@ -308,20 +307,26 @@ def pick_chunk_size(q, k, v, log_gate, S0, z0, cu_seqlens, scale) -> int:
             _chunk_cache = json.loads(_cache_path().read_text())
         except (OSError, ValueError):
             _chunk_cache = {}
-    key = _bucket(q, k, v, log_gate, cu_seqlens)
+    key = _bucket(q, k, v, log_gate, cu_seqlens) + ("|backward" if for_backward else "")
     if key not in _chunk_cache:
         # the chunk states of forward and backward take 2 * chunks * Hk * NT * F * e elements:
         # candidates whose buffers would pass a quarter of the GPU are not tried
         B, T, _, d = q.shape
         Hk, e = k.shape[2], v.shape[-1]
-        bd = _block(e, q.dtype)
-        per_chunk = Hk * (d // bd) * (d // bd + 1) // 2 * bd * bd * (e * 2 + 4)
+        per_chunk = Hk * (d // BD) * (d // BD + 1) // 2 * BD * BD * (e * 2 + 4)
         budget = torch.cuda.get_device_properties(q.device).total_memory / 4
         fits = [C for C in CHUNK_CANDIDATES if 2 * per_chunk * (B * T / C + B) <= budget
                 and C <= _largest_chunk(q.dtype)]
         times = {min(max(CHUNK_CANDIDATES), _largest_chunk(q.dtype)): 0.0} if not fits else {}
+        if for_backward and fits:
+            with torch.no_grad():
+                o, S, z, den = _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, fits[0])
+            do, dS, dz = torch.ones_like(o), torch.zeros_like(S), torch.zeros_like(z)
         for C in fits:
             def run(C=C):
+                if for_backward:
+                    return backward(do, dS, dz, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
+                                    scale, C)
                 return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C)
             times[C] = triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median")
         _chunk_cache[key] = min(times, key=times.get)

@@ -2,12 +2,18 @@
 
 Feature layout. ``phi(x)`` for ``deg = 2`` has one coordinate per pair ``i <= j`` of the ``d``
 indices. The kernels cut the indices into ``NB`` blocks of ``BD`` and walk the pairs of blocks
-``a <= b`` as tiles of ``F = BD * BD`` features: tile ``(a, b)`` is the outer product
-``x[a-block] (x) x[b-block]`` times ``sqrt(2)`` (off the diagonal) or ``1`` (diagonal), and in a
-diagonal tile the pairs ``i > j`` get coefficient 0. A tile is formed in registers from the
-``[C, BD]`` slices of ``x``; ``phi`` is never written to memory. The chunk states between kernels
-use this padded tile layout (``NT = NB (NB + 1) / 2`` tiles of ``F`` rows); states that users see
+``a <= b`` as tiles of ``F = BD * BD`` features: feature ``f`` of tile ``(a, b)`` is
+``x[a BD + f // BD] x[b BD + f % BD]`` times ``sqrt(2)`` (off the diagonal) or ``1`` (diagonal),
+and in a diagonal tile the pairs ``i > j`` get coefficient 0. The chunk states between kernels use
+this padded tile layout (``NT = NB (NB + 1) / 2`` tiles of ``F`` rows); states that users see
 (initial and final) use the exact layout of ``sympow_embed`` and are gathered and scattered here.
+
+A tile is formed on the tensor cores, never in memory and with no register shuffles: ``x[:, a
+block] @ E1`` repeats each column ``BD`` times and ``x[:, b block] @ E2`` tiles the block ``BD``
+times (``E1, E2`` are 0/1 matrices, so both products are exact in any precision), and their
+elementwise product, in the accumulator layout of the matrix units, feeds the next product
+directly (as the probabilities do in flash attention). Gradients go back the same way: 0/1
+matrices ``P1, P2`` add the features' gradients into the columns of their indices.
 
 Every sequence is a range ``[bos, eos)`` of a packed ``[T_total, H, x]`` tensor, cut into chunks of
 ``C`` tokens (the last one shorter and masked). Gates enter as log-gates; inside a chunk their
@@ -24,45 +30,77 @@ SQRT2 = tl.constexpr(1.4142135623730951)
 
 
 @triton.jit
+def _tile_ab(tile, NB: tl.constexpr):
+    """Index blocks ``(a, b)`` of tile number ``tile`` (tiles ordered ``(0,0), (0,1), ..``)."""
+    a = tile * 0
+    for s in tl.static_range(1, NB):
+        a += tl.where(tile >= s * NB - (s * (s - 1)) // 2, 1, 0)
+    return a, tile - (a * NB - (a * (a - 1)) // 2) + a
+
+
+@triton.jit
 def _pair_coef(a, b, BD: tl.constexpr):
     """Coefficients ``[F]`` of tile ``(a, b)``: sqrt(2) for i < j, 1 for i == j, 0 for i > j."""
-    i = tl.arange(0, BD)[:, None]
-    j = tl.arange(0, BD)[None, :]
+    f = tl.arange(0, BD * BD)
+    i, j = f // BD, f % BD
     on_diag = tl.where(i < j, SQRT2, tl.where(i == j, 1.0, 0.0))
-    coef = tl.where(a < b, SQRT2, on_diag)
-    return tl.reshape(coef, [BD * BD])
+    return tl.where(a < b, SQRT2, on_diag)
 
 
 @triton.jit
-def _sympow_tile(xa, xb, coef, C: tl.constexpr, BD: tl.constexpr):
-    """``phi`` tile ``[C, F]`` from the slices ``xa, xb [C, BD]`` (fp32)."""
-    return tl.reshape(xa[:, :, None] * xb[:, None, :], [C, BD * BD]) * coef[None, :]
+def _spread(KP: tl.constexpr, BD: tl.constexpr, SECOND: tl.constexpr):
+    """``E [KP, F]``, 0/1: ``x [., KP] @ E`` puts ``x[:, f // BD]`` (or ``x[:, f % BD]`` for
+    ``SECOND``) at feature ``f``. Rows ``>= BD`` (padding up to the matrix units' 16) are 0."""
+    r = tl.arange(0, KP)[:, None]
+    f = tl.arange(0, BD * BD)[None, :]
+    idx = f % BD if SECOND else f // BD
+    return tl.where(idx == r, 1.0, 0.0)
 
 
 @triton.jit
-def _sympow_tile_grad(w, xa, xb, coef, C: tl.constexpr, BD: tl.constexpr):
-    """Given ``w = dL/dphi_tile [C, F]``, the gradients ``[C, BD]`` for ``xa`` and ``xb``."""
-    wc = tl.reshape(w * coef[None, :], [C, BD, BD])
-    return tl.sum(wc * xb[:, None, :], axis=2), tl.sum(wc * xa[:, :, None], axis=1)
-
-
-@triton.jit
-def _put_block(acc, x, blk, NB: tl.constexpr, BD: tl.constexpr, C: tl.constexpr):
-    """``acc [C, NB*BD]`` plus ``x [C, BD]`` added at columns ``blk*BD ..``."""
-    sel = tl.arange(0, NB)[None, :, None] == blk
-    spread = tl.where(sel, x[:, None, :], 0.0)
-    return acc + tl.reshape(spread, [C, NB * BD])
+def _gather(blk, DK: tl.constexpr, BD: tl.constexpr, SECOND: tl.constexpr):
+    """``P [F, DK]``, 0/1: ``w [., F] @ P`` adds feature ``f``'s ``w`` into column
+    ``blk BD + f // BD`` (or ``+ f % BD``): the gradient of the tile's first (second) factor."""
+    f = tl.arange(0, BD * BD)[:, None]
+    idx = f % BD if SECOND else f // BD
+    return tl.where(tl.arange(0, DK)[None, :] == blk * BD + idx, 1.0, 0.0)
 
 
 @triton.jit
 def _public_rows(a, b, d, BD: tl.constexpr):
     """Row of each tile feature in the exact layout and whether it exists (``i <= j``)."""
-    fi = tl.reshape(a * BD + tl.arange(0, BD)[:, None] + tl.zeros([BD, BD], tl.int32),
-                    [BD * BD])
-    fj = tl.reshape(b * BD + tl.arange(0, BD)[None, :] + tl.zeros([BD, BD], tl.int32),
-                    [BD * BD])
+    f = tl.arange(0, BD * BD)
+    fi = a * BD + f // BD
+    fj = b * BD + f % BD
     row = fi * d - (fi * (fi - 1)) // 2 + fj - fi
     return row.to(tl.int64), fi <= fj
+
+
+@triton.jit
+def _load_block(x, t, mt, head, H, d, blk, KP: tl.constexpr, BD: tl.constexpr):
+    """Columns ``blk BD ..`` of ``x [T, H, d]`` at rows ``t``: ``[C, KP]``, zero past ``BD``
+    columns and outside the sequence."""
+    r = tl.arange(0, KP)
+    return tl.load(x + (t[:, None] * H + head) * d + (blk * BD + r)[None, :],
+                   mask=mt[:, None] & (r < BD)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_block_t(x, t, mt, head, H, d, blk, KP: tl.constexpr, BD: tl.constexpr):
+    """``_load_block`` transposed: ``[KP, C]``."""
+    r = tl.arange(0, KP)
+    return tl.load(x + (t[None, :] * H + head) * d + (blk * BD + r)[:, None],
+                   mask=mt[None, :] & (r < BD)[:, None], other=0.0)
+
+
+@triton.jit
+def _tile_factors(x, t, mt, head, H, d, a, b, ea, eb, KP: tl.constexpr, BD: tl.constexpr,
+                  BF16: tl.constexpr, PREC: tl.constexpr):
+    """The two factors ``[C, F]`` of tile ``(a, b)`` of ``phi(x)`` at rows ``t``: their
+    elementwise product (times the pair coefficients) is the tile."""
+    xa = _dot(_load_block(x, t, mt, head, H, d, a, KP, BD), ea, BF16, PREC)
+    xb = _dot(_load_block(x, t, mt, head, H, d, b, KP, BD), eb, BF16, PREC)
+    return xa, xb
 
 
 @triton.jit
@@ -106,10 +144,16 @@ def _dot(x, y, BF16: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _dot32(x, y, PREC: tl.constexpr):
+    """fp32 operands (tf32, or exact for fp32 inputs): the gathers of feature gradients."""
+    return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
 def _state_fwd_chunk(k, v, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hk, d, e, tile,
-                     coef, ra, rb, re, me, rf, C: tl.constexpr, BD: tl.constexpr,
-                     NT: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
-                     PREC: tl.constexpr):
+                     a, b, ea_t, eb_t, coef, re, me, rf, C: tl.constexpr, BD: tl.constexpr,
+                     KP: tl.constexpr, NT: tl.constexpr, USE_GATE: tl.constexpr,
+                     BF16: tl.constexpr, PREC: tl.constexpr):
     """One step of the forward scan: store the state entering chunk ``n``, then add the
     chunk's contribution ``phi(K)^T (to_end * V)`` to the decayed state."""
     F: tl.constexpr = BD * BD
@@ -119,52 +163,47 @@ def _state_fwd_chunk(k, v, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, H
     tl.store(zstates + slot * F + rf, z)
     t = bos + n * C + tl.arange(0, C)
     mt = t < eos
-    ka = tl.load(k + (t[:, None] * Hk + i_h) * d + ra[None, :], mask=mt[:, None],
-                 other=0.0).to(tl.float32)
-    kb = tl.load(k + (t[:, None] * Hk + i_h) * d + rb[None, :], mask=mt[:, None],
-                 other=0.0).to(tl.float32)
+    ka = _load_block_t(k, t, mt, i_h, Hk, d, a, KP, BD)               # [KP, C]
+    kb = _load_block_t(k, t, mt, i_h, Hk, d, b, KP, BD)
     vv = tl.load(v + (t[:, None] * Hk + i_h) * e + re[None, :],
-                 mask=mt[:, None] & me[None, :], other=0.0).to(tl.float32)
+                 mask=mt[:, None] & me[None, :], other=0.0)
     gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
-    to_end = tl.exp(g_last - gc)                                   # [C]
-    phi = _sympow_tile(ka, kb, coef, C, BD)                        # [C, F]
+    phi_t = _dot(ea_t, ka, BF16, PREC) * _dot(eb_t, kb, BF16, PREC)       # [F, C]
+    phi_t = phi_t * coef[:, None] * tl.exp(g_last - gc)[None, :]
     decay = tl.exp(g_last)
     # S <- decay S + phi(K)^T (to_end * V): [F, C] @ [C, BE]
-    S = S * decay + _dot(tl.trans(phi), vv * to_end[:, None], BF16, PREC)
-    z = z * decay + tl.sum(phi * to_end[:, None], axis=0)
+    S = S * decay + _dot(phi_t, vv, BF16, PREC)
+    z = z * decay + tl.sum(phi_t, axis=1)
     return S, z
 
 
 @triton.jit
 def state_fwd_kernel(k, v, g, S0, z0, states, zstates, S_T, z_T, cu_seqlens, chunk_offsets,
                      Hk, d, e, D, SEQS,
-                     C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, BE: tl.constexpr,
-                     USE_GATE: tl.constexpr, HAS_INIT: tl.constexpr, BF16: tl.constexpr,
-                     PREC: tl.constexpr, LOOP_FOR: tl.constexpr):
+                     C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
+                     BE: tl.constexpr, USE_GATE: tl.constexpr, HAS_INIT: tl.constexpr,
+                     BF16: tl.constexpr, PREC: tl.constexpr, LOOP_FOR: tl.constexpr):
     """Scan across chunks for one (tile, e-block, sequence x KV head): writes the state entering
     every chunk into ``states [chunks, Hk, NT, F, e]`` / ``zstates [chunks, Hk, NT, F]`` and the
     final state into ``S_T [N, Hk, D, e]`` / ``z_T [N, Hk, D]`` (exact layout). ``SEQS`` is
     only a key of the autotuner (host.py)."""
-    pid_t, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tile, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = pid_nh // Hk, pid_nh % Hk
-    a, b = pid_t // NB, pid_t % NB
-    if a > b:
-        return
+    a, b = _tile_ab(tile, NB)
     F: tl.constexpr = BD * BD
     NT: tl.constexpr = NB * (NB + 1) // 2
-    tile = a * NB - (a * (a - 1)) // 2 + b - a
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     chunk0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, C)
 
     coef = _pair_coef(a, b, BD)
+    ea_t = tl.trans(_spread(KP, BD, False))
+    eb_t = tl.trans(_spread(KP, BD, True))
     row, exists = _public_rows(a, b, d, BD)
     rf = tl.arange(0, F)
     re = pid_e * BE + tl.arange(0, BE)
     me = re < e
-    ra = a * BD + tl.arange(0, BD)
-    rb = b * BD + tl.arange(0, BD)
     pub = (i_n * Hk + i_h).to(tl.int64)
 
     S = tl.zeros([F, BE], tl.float32)        # this tile of the state, rows in tile layout
@@ -176,14 +215,14 @@ def state_fwd_kernel(k, v, g, S0, z0, states, zstates, S_T, z_T, cu_seqlens, chu
     if LOOP_FOR:                  # compiled: a for loop, which Triton software-pipelines
         for n in range(n_chunks):
             S, z = _state_fwd_chunk(k, v, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hk,
-                                    d, e, tile, coef, ra, rb, re, me, rf, C, BD, NT, USE_GATE,
-                                    BF16, PREC)
+                                    d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf, C, BD, KP,
+                                    NT, USE_GATE, BF16, PREC)
     else:                         # the interpreter cannot range() over a loaded bound
         n = n_chunks * 0
         while n < n_chunks:
             S, z = _state_fwd_chunk(k, v, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hk,
-                                    d, e, tile, coef, ra, rb, re, me, rf, C, BD, NT, USE_GATE,
-                                    BF16, PREC)
+                                    d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf, C, BD, KP,
+                                    NT, USE_GATE, BF16, PREC)
             n += 1
     tl.store(S_T + pub * D * e + row[:, None] * e + re[None, :], S,
              mask=exists[:, None] & me[None, :])
@@ -193,8 +232,9 @@ def state_fwd_kernel(k, v, g, S0, z0, states, zstates, S_T, z_T, cu_seqlens, chu
 @triton.jit
 def output_fwd_kernel(q, k, v, g, states, zstates, o, den_out, cu_seqlens, chunk_indices,
                       scale, Hq, Hk, d, e,
-                      C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, EP: tl.constexpr,
-                      USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+                      C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
+                      EP: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
+                      PREC: tl.constexpr):
     """Outputs of one (chunk, query head): attention inside the chunk plus the incoming state,
     numerator and denominator added before the division. Also writes the denominator."""
     i_c, i_hq = tl.program_id(0), tl.program_id(1)
@@ -230,20 +270,18 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, den_out, cu_seqlens, chunk
     den_s = tl.zeros([C], tl.float32)
     base = (i_c * Hk + i_h) * NT
     rf = tl.arange(0, F)
-    for a in range(NB):
-        qa = tl.load(q + (t[:, None] * Hq + i_hq) * d + a * BD + tl.arange(0, BD)[None, :],
-                     mask=mt[:, None], other=0.0).to(tl.float32) * scale
-        for b in range(a, NB):
-            tile = a * NB - (a * (a - 1)) // 2 + b - a
-            qb = tl.load(q + (t[:, None] * Hq + i_hq) * d + b * BD + tl.arange(0, BD)[None, :],
-                         mask=mt[:, None], other=0.0).to(tl.float32) * scale
-            phi = _sympow_tile(qa, qb, _pair_coef(a, b, BD), C, BD)
-            slot = (base + tile).to(tl.int64)
-            St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
-                         mask=me[None, :], other=0.0)
-            zt = tl.load(zstates + slot * F + rf)
-            num_s += _dot(phi, St, BF16, PREC)
-            den_s += tl.sum(phi * zt[None, :], axis=1)
+    ea = _spread(KP, BD, False)
+    eb = _spread(KP, BD, True)
+    for tile in range(NT):
+        a, b = _tile_ab(tile, NB)
+        qa, qb = _tile_factors(q, t, mt, i_hq, Hq, d, a, b, ea, eb, KP, BD, BF16, PREC)
+        phi = qa * qb * (_pair_coef(a, b, BD) * (scale * scale))[None, :]  # [C, F]
+        slot = (base + tile).to(tl.int64)
+        St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
+                     mask=me[None, :], other=0.0)
+        zt = tl.load(zstates + slot * F + rf)
+        num_s += _dot(phi, St, BF16, PREC)
+        den_s += tl.sum(phi * zt[None, :], axis=1)
     from_start = tl.exp(gc)
     num += from_start[:, None] * num_s
     den += from_start * den_s
@@ -275,11 +313,13 @@ def prepare_bwd_kernel(o, do, den, inv_den, dyz, T, Hq, e,
 
 @triton.jit
 def _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz, n, chunk0, bos, eos, i_h,
-                     scale, Hq, Hk, d, e, tile, coef, ra, rb, re, me, rf, GROUPS: tl.constexpr,
-                     C: tl.constexpr, BD: tl.constexpr, NT: tl.constexpr,
-                     USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+                     Hq, Hk, d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf,
+                     GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
+                     NT: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
+                     PREC: tl.constexpr):
     """One step of the reverse scan: store the gradient of the state at the end of chunk
-    ``n``, then carry it to the chunk's start through its queries ``phi(Q)^T dY``."""
+    ``n``, then carry it to the chunk's start through its queries ``phi(Q)^T dY``. ``coef``
+    holds the scale (``phi(s q) = s^2 phi(q)``)."""
     F: tl.constexpr = BD * BD
     slot = ((chunk0 + n) * Hk + i_h) * NT + tile
     tl.store(dstates + slot * F * e + rf[:, None] * e + re[None, :],
@@ -293,53 +333,48 @@ def _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz, n, chunk
     dz = dz * tl.exp(g_last)
     for r in range(GROUPS):
         i_hq = i_h * GROUPS + r
-        qa = tl.load(q + (t[:, None] * Hq + i_hq) * d + ra[None, :], mask=mt[:, None],
-                     other=0.0).to(tl.float32) * scale
-        qb = tl.load(q + (t[:, None] * Hq + i_hq) * d + rb[None, :], mask=mt[:, None],
-                     other=0.0).to(tl.float32) * scale
-        phi = _sympow_tile(qa, qb, coef, C, BD) * from_start[:, None]   # [C, F]
+        qa = _load_block_t(q, t, mt, i_hq, Hq, d, a, KP, BD)            # [KP, C]
+        qb = _load_block_t(q, t, mt, i_hq, Hq, d, b, KP, BD)
+        phi_t = _dot(ea_t, qa, BF16, PREC) * _dot(eb_t, qb, BF16, PREC)   # [F, C]
+        phi_t = phi_t * coef[:, None] * from_start[None, :]
         inv = tl.load(inv_den + t * Hq + i_hq, mask=mt, other=0.0)
         dyv = tl.load(do + (t[:, None] * Hq + i_hq) * e + re[None, :],
                       mask=mt[:, None] & me[None, :], other=0.0).to(tl.float32)
         dyv = dyv * inv[:, None]
         dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
         # dS += phi(Q)^T dY: [F, C] @ [C, BE]
-        dS += _dot(tl.trans(phi), dyv, BF16, PREC)
-        dz += tl.sum(phi * dy1[:, None], axis=0)
+        dS += _dot(phi_t, dyv, BF16, PREC)
+        dz += tl.sum(phi_t * dy1[None, :], axis=1)
     return dS, dz
 
 
 @triton.jit
 def state_bwd_kernel(q, g, do, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0, dz0,
                      cu_seqlens, chunk_offsets, scale, Hq, Hk, d, e, D, SEQS,
-                     GROUPS: tl.constexpr,
-                     C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, BE: tl.constexpr,
-                     USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr,
-                     LOOP_FOR: tl.constexpr):
+                     GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
+                     NB: tl.constexpr, BE: tl.constexpr, USE_GATE: tl.constexpr,
+                     BF16: tl.constexpr, PREC: tl.constexpr, LOOP_FOR: tl.constexpr):
     """Reverse scan of the state gradient for one (tile, e-block, sequence x KV head): writes
     the gradient of the state at the end of every chunk into ``dstates`` / ``dzstates`` and the
     gradient of the initial state into ``dS0`` / ``dz0`` (exact layout). ``SEQS`` as in
     ``state_fwd_kernel``."""
-    pid_t, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tile, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = pid_nh // Hk, pid_nh % Hk
-    a, b = pid_t // NB, pid_t % NB
-    if a > b:
-        return
+    a, b = _tile_ab(tile, NB)
     F: tl.constexpr = BD * BD
     NT: tl.constexpr = NB * (NB + 1) // 2
-    tile = a * NB - (a * (a - 1)) // 2 + b - a
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     chunk0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, C)
 
-    coef = _pair_coef(a, b, BD)
+    coef = _pair_coef(a, b, BD) * (scale * scale)
+    ea_t = tl.trans(_spread(KP, BD, False))
+    eb_t = tl.trans(_spread(KP, BD, True))
     row, exists = _public_rows(a, b, d, BD)
     rf = tl.arange(0, F)
     re = pid_e * BE + tl.arange(0, BE)
     me = re < e
-    ra = a * BD + tl.arange(0, BD)
-    rb = b * BD + tl.arange(0, BD)
     pub = (i_n * Hk + i_h).to(tl.int64)
 
     dS = tl.load(dS_T + pub * D * e + row[:, None] * e + re[None, :],
@@ -348,15 +383,16 @@ def state_bwd_kernel(q, g, do, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0,
     if LOOP_FOR:
         for i in range(n_chunks):
             dS, dz = _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz,
-                                      n_chunks - 1 - i, chunk0, bos, eos, i_h, scale, Hq, Hk, d, e,
-                                      tile, coef, ra, rb, re, me, rf, GROUPS, C, BD, NT, USE_GATE,
-                                      BF16, PREC)
+                                      n_chunks - 1 - i, chunk0, bos, eos, i_h, Hq, Hk, d, e,
+                                      tile, a, b, ea_t, eb_t, coef, re, me, rf, GROUPS, C, BD, KP,
+                                      NT, USE_GATE, BF16, PREC)
     else:
         n = n_chunks - 1
         while n >= 0:
-            dS, dz = _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz, n, chunk0,
-                                      bos, eos, i_h, scale, Hq, Hk, d, e, tile, coef, ra, rb, re,
-                                      me, rf, GROUPS, C, BD, NT, USE_GATE, BF16, PREC)
+            dS, dz = _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz, n,
+                                      chunk0, bos, eos, i_h, Hq, Hk, d, e, tile, a, b, ea_t, eb_t,
+                                      coef, re, me, rf, GROUPS, C, BD, KP, NT, USE_GATE, BF16,
+                                      PREC)
             n -= 1
     tl.store(dS0 + pub * D * e + row[:, None] * e + re[None, :], dS,
              mask=exists[:, None] & me[None, :])
@@ -366,8 +402,8 @@ def state_bwd_kernel(q, g, do, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0,
 @triton.jit
 def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, dg_q, cu_seqlens,
               chunk_indices, scale, Hq, Hk, d, e,
-              C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, EP: tl.constexpr,
-              USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+              C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
+              EP: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
     """Gradient of ``q`` for one (chunk, query head), and this head's part of the gate
     gradient that involves the chunk's queries (see ``_straddle_intra``)."""
     i_c, i_hq = tl.program_id(0), tl.program_id(1)
@@ -408,22 +444,20 @@ def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, dg_q, cu_seqlen
     grad_s = tl.zeros([C, DK], tl.float32)
     base = (i_c * Hk + i_h) * NT
     rf = tl.arange(0, F)
-    for a in range(NB):
-        qa = tl.load(q + (t[:, None] * Hq + i_hq) * d + a * BD + tl.arange(0, BD)[None, :],
-                     mask=mt[:, None], other=0.0).to(tl.float32) * scale
-        for b in range(a, NB):
-            tile = a * NB - (a * (a - 1)) // 2 + b - a
-            qb = tl.load(q + (t[:, None] * Hq + i_hq) * d + b * BD + tl.arange(0, BD)[None, :],
-                         mask=mt[:, None], other=0.0).to(tl.float32) * scale
-            slot = (base + tile).to(tl.int64)
-            St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
-                         mask=me[None, :], other=0.0)
-            zt = tl.load(zstates + slot * F + rf)
-            w = _dot(dyv, tl.trans(St), BF16, PREC) + dy1[:, None] * zt[None, :]   # [C, F]
-            ga, gb = _sympow_tile_grad(w, qa, qb, _pair_coef(a, b, BD), C, BD)
-            grad_s = _put_block(grad_s, ga, a, NB, BD, C)
-            grad_s = _put_block(grad_s, gb, b, NB, BD, C)
-    grad_s = tl.exp(gc)[:, None] * grad_s * scale
+    ea = _spread(KP, BD, False)
+    eb = _spread(KP, BD, True)
+    for tile in range(NT):
+        a, b = _tile_ab(tile, NB)
+        xa, xb = _tile_factors(q, t, mt, i_hq, Hq, d, a, b, ea, eb, KP, BD, BF16, PREC)
+        slot = (base + tile).to(tl.int64)
+        St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
+                     mask=me[None, :], other=0.0)
+        zt = tl.load(zstates + slot * F + rf)
+        w = _dot(dyv, tl.trans(St), BF16, PREC) + dy1[:, None] * zt[None, :]   # [C, F]
+        w = w * (_pair_coef(a, b, BD) * (scale * scale))[None, :]
+        grad_s += _dot32(w * xb, _gather(a, DK, BD, False), PREC)
+        grad_s += _dot32(w * xa, _gather(b, DK, BD, True), PREC)
+    grad_s = tl.exp(gc)[:, None] * grad_s
     grad += grad_s
     tl.store(dq + (t[:, None] * Hq + i_hq) * d + rd[None, :], grad.to(dq.dtype.element_ty),
              mask=mt[:, None])
@@ -437,8 +471,9 @@ def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, dg_q, cu_seqlen
 @triton.jit
 def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, do, inv_den, dyz, dk, dv, dg_k,
                cu_seqlens, chunk_indices, scale, Hq, Hk, d, e, GROUPS: tl.constexpr,
-               C: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, EP: tl.constexpr,
-               USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+               C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
+               EP: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
+               PREC: tl.constexpr):
     """Gradients of ``k`` and ``v`` for one (chunk, KV head), summed over its query heads, and
     the part of the gate gradient that involves the chunk's keys or no token of the chunk."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -486,28 +521,24 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, do, inv_den, dyz,
     across = tl.zeros([F], tl.float32)                 # <state in, its gradient at the end>
     base = (i_c * Hk + i_h) * NT
     rf = tl.arange(0, F)
-    for a in range(NB):
-        ka = tl.load(k + (t[:, None] * Hk + i_h) * d + a * BD + tl.arange(0, BD)[None, :],
-                     mask=mt[:, None], other=0.0).to(tl.float32)
-        for b in range(a, NB):
-            tile = a * NB - (a * (a - 1)) // 2 + b - a
-            kb = tl.load(k + (t[:, None] * Hk + i_h) * d + b * BD + tl.arange(0, BD)[None, :],
-                         mask=mt[:, None], other=0.0).to(tl.float32)
-            coef = _pair_coef(a, b, BD)
-            slot = (base + tile).to(tl.int64)
-            dSt = tl.load(dstates + slot * F * e + rf[:, None] * e + re[None, :],
-                          mask=me[None, :], other=0.0)
-            dzt = tl.load(dzstates + slot * F + rf)
-            St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
-                         mask=me[None, :], other=0.0)
-            across += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), axis=1)
-            across += tl.load(zstates + slot * F + rf) * dzt
-            phi = _sympow_tile(ka, kb, coef, C, BD)
-            grad_vs += _dot(phi, dSt, BF16, PREC)
-            w = _dot(vv, tl.trans(dSt), BF16, PREC) + dzt[None, :]    # [C, F]
-            ga, gb = _sympow_tile_grad(w, ka, kb, coef, C, BD)
-            grad_ks = _put_block(grad_ks, ga, a, NB, BD, C)
-            grad_ks = _put_block(grad_ks, gb, b, NB, BD, C)
+    ea = _spread(KP, BD, False)
+    eb = _spread(KP, BD, True)
+    for tile in range(NT):
+        a, b = _tile_ab(tile, NB)
+        xa, xb = _tile_factors(k, t, mt, i_h, Hk, d, a, b, ea, eb, KP, BD, BF16, PREC)
+        coef = _pair_coef(a, b, BD)
+        slot = (base + tile).to(tl.int64)
+        dSt = tl.load(dstates + slot * F * e + rf[:, None] * e + re[None, :],
+                      mask=me[None, :], other=0.0)
+        dzt = tl.load(dzstates + slot * F + rf)
+        St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
+                     mask=me[None, :], other=0.0)
+        across += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), axis=1)
+        across += tl.load(zstates + slot * F + rf) * dzt
+        grad_vs += _dot(xa * xb * coef[None, :], dSt, BF16, PREC)
+        w = (_dot(vv, tl.trans(dSt), BF16, PREC) + dzt[None, :]) * coef[None, :]   # [C, F]
+        grad_ks += _dot32(w * xb, _gather(a, DK, BD, False), PREC)
+        grad_ks += _dot32(w * xa, _gather(b, DK, BD, True), PREC)
     grad_ks = to_end[:, None] * grad_ks
     grad_k += grad_ks
     grad_v += to_end[:, None] * grad_vs
@@ -529,16 +560,13 @@ def decode_kernel(q, k, v, g, S, z, part, scale, Hq, Hk, d, e, D, L,
     """One new query per sequence (the last of ``L`` buffered tokens, itself included) against
     one state tile; writes the partial numerator and denominator ``part [B, Hq, NT, EP + 1]``.
     Tile 0 also adds attention over the buffer. ``k, v, g`` are ``[B, L, Hk, x]``."""
-    i_bh, pid_t = tl.program_id(0), tl.program_id(1)
-    a, b = pid_t // NB, pid_t % NB
-    if a > b:
-        return
+    i_bh, tile = tl.program_id(0), tl.program_id(1)
+    a, b = _tile_ab(tile, NB)
     i_b, i_hq = i_bh // Hq, i_bh % Hq
     i_h = i_hq // (Hq // Hk)
     NT: tl.constexpr = NB * (NB + 1) // 2
     F: tl.constexpr = BD * BD
     DK: tl.constexpr = NB * BD
-    tile = a * NB - (a * (a - 1)) // 2 + b - a
     i_b = i_b.to(tl.int64)
     re = tl.arange(0, EP)
     me = re < e
@@ -552,9 +580,10 @@ def decode_kernel(q, k, v, g, S, z, part, scale, Hq, Hk, d, e, D, L,
         gc = tl.zeros([LP], tl.float32)
         g_total = tl.sum(gc, axis=0)
     qrow = q + (i_b * Hq + i_hq) * d
-    qa = tl.load(qrow + a * BD + tl.arange(0, BD)).to(tl.float32) * scale
-    qb = tl.load(qrow + b * BD + tl.arange(0, BD)).to(tl.float32) * scale
-    phi = tl.reshape(qa[:, None] * qb[None, :], [F]) * _pair_coef(a, b, BD)
+    f = tl.arange(0, F)
+    qa = tl.load(qrow + a * BD + f // BD).to(tl.float32)
+    qb = tl.load(qrow + b * BD + f % BD).to(tl.float32)
+    phi = qa * qb * _pair_coef(a, b, BD) * (scale * scale)
     row, exists = _public_rows(a, b, d, BD)
     pub = (i_b * Hk + i_h).to(tl.int64)
     St = tl.load(S + pub * D * e + row[:, None] * e + re[None, :],

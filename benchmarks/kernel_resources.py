@@ -1,0 +1,128 @@
+"""Registers, spills and shared memory of every Triton kernel, compiled for a GPU that need not
+be there.
+
+Triton compiles for any NVIDIA target without a device (its wheel carries ``ptxas`` and
+``cuobjdump``), so this runs on a laptop or in CI and answers the first question about a slow
+kernel: does it spill? A program that takes all 255 registers of a thread leaves its
+multiprocessor no second program to hide latency with, and a stack frame means spilled values
+go through local memory. Compile errors show here too, before any GPU time is spent.
+
+    python benchmarks/kernel_resources.py                         # bf16, d = e = 64, H100/H200
+    python benchmarks/kernel_resources.py --chunks 64 --warps 8 --dtype float16
+
+Prints one row per kernel and configuration: registers per thread, stack frame (bytes of
+spilled registers per thread) and shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from power_retention.ops.triton import host, kernels  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+INTS = {"Hk", "Hq", "d", "e", "D", "SEQS", "L", "T"}
+INDEX = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_indices": "*i32"}
+INPUTS = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}
+
+
+def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
+    """Triton types of ``fn``'s arguments for inputs of ``dtype`` (chunk states as host.py
+    allocates them: bf16 for bf16 inputs, fp32 otherwise)."""
+    states = "bf16" if dtype == torch.bfloat16 else "fp32"
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in INTS:
+            sig[name] = "i32"
+        elif name == "scale":
+            sig[name] = "fp32"
+        elif name in INDEX:
+            sig[name] = INDEX[name]
+        elif name in INPUTS:
+            sig[name] = "*" + TRITON_TYPES[dtype]
+        elif name in ("states", "dstates"):
+            sig[name] = "*" + states
+        else:
+            sig[name] = "*fp32"
+    return sig
+
+
+def resources(cubin: bytes) -> tuple[int, int]:
+    """Registers per thread and stack frame bytes, read from the cubin by ``cuobjdump``."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        Path(path).write_bytes(cubin)
+        out = subprocess.run([str(tool), "--dump-resource-usage", path], capture_output=True,
+                             text=True, check=True).stdout
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", out)
+    if not found:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {out[-400:]}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
+    """``(kernel, constexprs)`` for every kernel as host.py launches it."""
+    flags = {**host._flags(dtype), "USE_GATE": True}
+    tiling = {"BD": host.BD, "KP": host.KP, "NB": d // host.BD}
+    EP = max(16, triton.next_power_of_2(e))
+    for C in chunks:
+        for BE in blocks:
+            yield kernels.state_fwd_kernel, dict(C=C, BE=BE, HAS_INIT=True, LOOP_FOR=True,
+                                                 **tiling, **flags)
+            yield kernels.state_bwd_kernel, dict(C=C, BE=BE, GROUPS=1, LOOP_FOR=True,
+                                                 **tiling, **flags)
+        yield kernels.output_fwd_kernel, dict(C=C, EP=EP, **tiling, **flags)
+        yield kernels.dq_kernel, dict(C=C, EP=EP, **tiling, **flags)
+        yield kernels.dkv_kernel, dict(C=C, EP=EP, GROUPS=1, **tiling, **flags)
+    yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP)
+    bd = 16 if e <= 64 else 8                                # as host.decode_output picks
+    yield kernels.decode_kernel, dict(LP=64, BD=bd, NB=d // bd, EP=EP, USE_GATE=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    parser.add_argument("--d", type=int, default=64, help="head size of queries and keys")
+    parser.add_argument("--e", type=int, default=64, help="head size of values")
+    parser.add_argument("--chunks", type=int, nargs="+", default=list(host.CHUNK_CANDIDATES))
+    parser.add_argument("--blocks", type=int, nargs="+", default=[16, 64],
+                        help="value columns per program of the scans (BE)")
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    target = GPUTarget("cuda", args.arch, 32)
+    print(f"{args.dtype}, d = {args.d}, e = {args.e}, sm_{args.arch}, {args.stages} stages")
+    print(f"{'kernel':<20} {'C':>4} {'BE':>3} {'warps':>5} {'regs':>5} {'stack B':>8} "
+          f"{'smem KiB':>9}")
+    for fn, constexprs in cases(dtype, args.d, args.e, args.chunks, args.blocks):
+        for warps in args.warps:
+            src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs),
+                            constexprs=constexprs)
+            compiled = triton.compile(src, target=target,
+                                      options={"num_warps": warps, "num_stages": args.stages})
+            regs, stack = resources(compiled.asm["cubin"])
+            print(f"{fn.__name__:<20} {constexprs.get('C', '-'):>4} "
+                  f"{constexprs.get('BE', '-'):>3} {warps:>5} {regs:>5} {stack:>8} "
+                  f"{compiled.metadata.shared / 1024:>9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
