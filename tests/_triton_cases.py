@@ -113,6 +113,11 @@ def case_fp16_d32():
     return check_op(1, 41, 2, 1, 32, 16, torch.float16, chunk=32)
 
 
+def case_fp32_d64_state():
+    """d = 64: eight index blocks, so the backward's state columns gather rows from many tiles."""
+    return check_op(1, 21, 2, 1, 64, 16, torch.float32, chunk=16)
+
+
 def case_fp32_wide_values():
     """e > 64 in fp32: index blocks of 8, padded to 16 columns for the matrix units."""
     return check_op(1, 23, 2, 1, 16, 72, torch.float32, chunk=16)

@@ -32,6 +32,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "fp16_gqa_state": torch.float16,
     "fp32_ungated_d32_e24": torch.float32,
     "fp16_d32": torch.float16,
+    "fp32_d64_state": torch.float32,
     "fp32_wide_values": torch.float32,
     "fp32_packed_empty_segment": torch.float32,
     "fp32_packed_no_state": torch.float32,

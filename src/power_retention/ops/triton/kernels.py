@@ -12,8 +12,13 @@ A tile is formed on the tensor cores, never in memory and with no register shuff
 block] @ E1`` repeats each column ``BD`` times and ``x[:, b block] @ E2`` tiles the block ``BD``
 times (``E1, E2`` are 0/1 matrices, so both products are exact in any precision), and their
 elementwise product, in the accumulator layout of the matrix units, feeds the next product
-directly (as the probabilities do in flash attention). Gradients go back the same way: 0/1
-matrices ``P1, P2`` add the features' gradients into the columns of their indices.
+directly (as the probabilities do in flash attention).
+
+The backward's products through the state do not form feature tiles at all. Read as the
+symmetric ``d x d x e`` array ``F`` (``phi(x).S = sum_ab x_a x_b F_ab``), a state's column ``F_b``
+is ``d`` rows gathered from the tiles (times ``1 / sqrt(2)`` off the diagonal), and the gradient
+of ``q`` through it is ``2 sum_b q_b (dY F_b^T)``: ``d`` plain products of width ``d`` and no
+feature gradient to add back into its indices (the keys' alike).
 
 Every sequence is a range ``[bos, eos)`` of a packed ``[T_total, H, x]`` tensor, cut into chunks of
 ``C`` tokens (the last one shorter and masked). Gates enter as log-gates; inside a chunk their
@@ -58,15 +63,6 @@ def _spread(KP: tl.constexpr, BD: tl.constexpr, SECOND: tl.constexpr):
 
 
 @triton.jit
-def _gather(blk, DK: tl.constexpr, BD: tl.constexpr, SECOND: tl.constexpr):
-    """``P [F, DK]``, 0/1: ``w [., F] @ P`` adds feature ``f``'s ``w`` into column
-    ``blk BD + f // BD`` (or ``+ f % BD``): the gradient of the tile's first (second) factor."""
-    f = tl.arange(0, BD * BD)[:, None]
-    idx = f % BD if SECOND else f // BD
-    return tl.where(tl.arange(0, DK)[None, :] == blk * BD + idx, 1.0, 0.0)
-
-
-@triton.jit
 def _public_rows(a, b, d, BD: tl.constexpr):
     """Row of each tile feature in the exact layout and whether it exists (``i <= j``)."""
     f = tl.arange(0, BD * BD)
@@ -74,6 +70,28 @@ def _public_rows(a, b, d, BD: tl.constexpr):
     fj = b * BD + f % BD
     row = fi * d - (fi * (fi - 1)) // 2 + fj - fi
     return row.to(tl.int64), fi <= fj
+
+
+@triton.jit
+def _column_rows(b, NB: tl.constexpr, BD: tl.constexpr):
+    """Where column ``b`` of the symmetric state lives: for ``a = 0 .. d - 1`` the tile-layout
+    row of the pair ``(min(a, b), max(a, b))`` (int64 ``[d]``) and the factor that turns the
+    row into ``F_ab`` (1 on the diagonal, ``1 / sqrt(2)`` off it, undoing ``phi``'s
+    coefficient)."""
+    a = tl.arange(0, NB * BD)
+    i = tl.minimum(a, b)
+    j = tl.maximum(a, b)
+    blk_i = i // BD
+    blk_j = j // BD
+    tile = blk_i * NB - (blk_i * (blk_i - 1)) // 2 + blk_j - blk_i
+    row = tile * (BD * BD) + (i % BD) * BD + j % BD
+    return row.to(tl.int64), tl.where(a == b, 1.0, 1.0 / SQRT2)
+
+
+@triton.jit
+def _column(x, t, mt, head, H, d, b):
+    """``x[t, b]`` as fp32 ``[C]``."""
+    return tl.load(x + (t * H + head) * d + b, mask=mt, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -140,12 +158,6 @@ def _dot(x, y, BF16: tl.constexpr, PREC: tl.constexpr):
     """fp32-accumulated product; bf16 operands for bf16 inputs, fp32 (tf32/ieee) otherwise."""
     if BF16:
         return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
-    return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=PREC)
-
-
-@triton.jit
-def _dot32(x, y, PREC: tl.constexpr):
-    """fp32 operands (tf32, or exact for fp32 inputs): the gathers of feature gradients."""
     return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=PREC)
 
 
@@ -428,43 +440,38 @@ def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, dg_q, cu_seqlen
     inv = tl.load(inv_den + t * Hq + i_hq, mask=mt, other=0.0)
     dyv = tl.load(do + (t[:, None] * Hq + i_hq) * e + re[None, :],
                   mask=mt[:, None] & me[None, :], other=0.0).to(tl.float32) * inv[:, None]
+    dyv = dyv.to(tl.bfloat16) if BF16 else dyv
     dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
     gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+
+    # through the incoming state. With F the symmetric d x d x e state (phi(x).S = sum_ab
+    # x_a x_b F_ab), dq_i = 2 s^2 exp(gc_i) sum_b q_ib (F_b dy_v,i + Z_b dy_z,i): one product
+    # [C, e] @ [e, d] per column b, whose rows are gathered from the tiles; no feature
+    # gradient to add back into its indices
+    grad = tl.zeros([C, DK], tl.float32)
+    base = (i_c * Hk + i_h).to(tl.int64) * NT * F
+    for b in range(DK):
+        row, unphi = _column_rows(b, NB, BD)
+        rows = base + row
+        Fb = tl.load(states + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
+        w = _dot(dyv, tl.trans(Fb), BF16, PREC) + dy1[:, None] * tl.load(zstates + rows)[None, :]
+        grad += w * unphi[None, :] * _column(q, t, mt, i_hq, Hq, d, b)[:, None]
+    grad = (2.0 * scale * scale * tl.exp(gc))[:, None] * grad
+    # pairs (earlier chunk or initial state, query i >= t of this chunk): by homogeneity of
+    # degree 2, q_i . dq_i (state part) is twice their sum for query i
+    from_state = tl.sum(qq.to(tl.float32) * grad, axis=1) * 0.5
+    gate_part = tl.sum(from_state, axis=0) - tl.cumsum(from_state, axis=0) + from_state
 
     # inside the chunk: dw_ij = dy_i . [v_j, 1]; w_ij = s_ij^2 decay_ij
     s = _dot(qq, tl.trans(kk), BF16, PREC) * scale
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
     decay = tl.where(causal, tl.exp(gc[:, None] - gc[None, :]), 0.0)
-    dw = _dot(dyv, tl.trans(vv.to(tl.float32)), BF16, PREC) + dy1[:, None]
+    dw = _dot(dyv, tl.trans(vv), BF16, PREC) + dy1[:, None]
     ds = dw * decay * 2.0 * s                                          # [C, C]
-    grad = _dot(ds, kk, BF16, PREC) * scale                            # [C, DK]
-    gate_part = _straddle_intra(dw * s * s * decay, C)
-
-    # through the incoming state: dphi(s q_i) = exp(gc_i) (dy_v S^T + dy_z z^T)
-    grad_s = tl.zeros([C, DK], tl.float32)
-    base = (i_c * Hk + i_h) * NT
-    rf = tl.arange(0, F)
-    ea = _spread(KP, BD, False)
-    eb = _spread(KP, BD, True)
-    for tile in range(NT):
-        a, b = _tile_ab(tile, NB)
-        xa, xb = _tile_factors(q, t, mt, i_hq, Hq, d, a, b, ea, eb, KP, BD, BF16, PREC)
-        slot = (base + tile).to(tl.int64)
-        St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
-                     mask=me[None, :], other=0.0)
-        zt = tl.load(zstates + slot * F + rf)
-        w = _dot(dyv, tl.trans(St), BF16, PREC) + dy1[:, None] * zt[None, :]   # [C, F]
-        w = w * (_pair_coef(a, b, BD) * (scale * scale))[None, :]
-        grad_s += _dot32(w * xb, _gather(a, DK, BD, False), PREC)
-        grad_s += _dot32(w * xa, _gather(b, DK, BD, True), PREC)
-    grad_s = tl.exp(gc)[:, None] * grad_s
-    grad += grad_s
+    grad += _dot(ds, kk, BF16, PREC) * scale                           # [C, DK]
+    gate_part += _straddle_intra(dw * s * s * decay, C)
     tl.store(dq + (t[:, None] * Hq + i_hq) * d + rd[None, :], grad.to(dq.dtype.element_ty),
              mask=mt[:, None])
-    # pairs (earlier chunk or initial state, query i >= t of this chunk): by homogeneity of
-    # degree 2, q_i . dq_i (state part) is twice their sum for query i
-    from_state = tl.sum(qq.to(tl.float32) * grad_s, axis=1) * 0.5
-    gate_part += tl.sum(from_state, axis=0) - tl.cumsum(from_state, axis=0) + from_state
     tl.store(dg_q + t * Hq + i_hq, gate_part, mask=mt)
 
 
@@ -494,11 +501,44 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, do, inv_den, dyz,
     vv = tl.load(v + (t[:, None] * Hk + i_h) * e + re[None, :],
                  mask=mt[:, None] & me[None, :], other=0.0)
     gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+
+    # through the state at the chunk's end, S_end += sum_j to_end_j phi(k_j) [v_j, 1]^T:
+    # dv_j = to_end_j phi(k_j) . dS, tile by tile
+    to_end = tl.exp(g_last - gc)
+    grad_v = tl.zeros([C, EP], tl.float32)
+    across = tl.zeros([F], tl.float32)                 # <state in, its gradient at the end>
+    base = (i_c * Hk + i_h).to(tl.int64) * NT * F
+    rf = tl.arange(0, F)
+    ea = _spread(KP, BD, False)
+    eb = _spread(KP, BD, True)
+    for tile in range(NT):
+        a, b = _tile_ab(tile, NB)
+        xa, xb = _tile_factors(k, t, mt, i_h, Hk, d, a, b, ea, eb, KP, BD, BF16, PREC)
+        rows = base + tile * F + rf
+        dSt = tl.load(dstates + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
+        St = tl.load(states + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
+        across += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), axis=1)
+        across += tl.load(zstates + rows) * tl.load(dzstates + rows)
+        grad_v += _dot(xa * xb * _pair_coef(a, b, BD)[None, :], dSt, BF16, PREC)
+    grad_v = to_end[:, None] * grad_v
+    # and dk_j = 2 to_end_j sum_b k_jb (dF_b v_j + dZ_b), F the symmetric d x d x e state as
+    # in dq_kernel: one product [C, e] @ [e, d] per column b
+    grad_k = tl.zeros([C, DK], tl.float32)
+    for b in range(DK):
+        row, unphi = _column_rows(b, NB, BD)
+        rows = base + row
+        dFb = tl.load(dstates + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
+        w = _dot(vv, tl.trans(dFb), BF16, PREC) + tl.load(dzstates + rows)[None, :]
+        grad_k += w * unphi[None, :] * _column(k, t, mt, i_h, Hk, d, b)[:, None]
+    grad_k = (2.0 * to_end)[:, None] * grad_k
+    # pairs (key j < t of this chunk, later chunk or final state): k_j . dk_j (state part) is
+    # twice their sum for key j; pairs (before the chunk, after it) pass the whole chunk
+    to_state = tl.sum(kk.to(tl.float32) * grad_k, axis=1) * 0.5
+    gate_part = tl.cumsum(to_state, axis=0) - to_state + tl.exp(g_last) * tl.sum(across, axis=0)
+
+    # inside the chunk, summed over the query heads of this KV head
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
     decay = tl.where(causal, tl.exp(gc[:, None] - gc[None, :]), 0.0)
-
-    grad_k = tl.zeros([C, DK], tl.float32)
-    grad_v = tl.zeros([C, EP], tl.float32)
     for r in range(GROUPS):
         i_hq = i_h * GROUPS + r
         qq = tl.load(q + (t[:, None] * Hq + i_hq) * d + rd[None, :], mask=mt[:, None],
@@ -506,50 +546,18 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, do, inv_den, dyz,
         inv = tl.load(inv_den + t * Hq + i_hq, mask=mt, other=0.0)
         dyv = tl.load(do + (t[:, None] * Hq + i_hq) * e + re[None, :],
                       mask=mt[:, None] & me[None, :], other=0.0).to(tl.float32) * inv[:, None]
+        dyv = dyv.to(tl.bfloat16) if BF16 else dyv
         dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
         s = _dot(qq, tl.trans(kk), BF16, PREC) * scale                 # [C(i), C(j)]
         w = s * s * decay
         grad_v += _dot(tl.trans(w), dyv, BF16, PREC)
-        dw = _dot(dyv, tl.trans(vv.to(tl.float32)), BF16, PREC) + dy1[:, None]
+        dw = _dot(dyv, tl.trans(vv), BF16, PREC) + dy1[:, None]
         ds = dw * decay * 2.0 * s
         grad_k += _dot(tl.trans(ds), qq, BF16, PREC) * scale
-
-    # through the state at the chunk's end: S_end += sum_j to_end_j phi(k_j) [v_j, 1]^T
-    to_end = tl.exp(g_last - gc)
-    grad_ks = tl.zeros([C, DK], tl.float32)
-    grad_vs = tl.zeros([C, EP], tl.float32)
-    across = tl.zeros([F], tl.float32)                 # <state in, its gradient at the end>
-    base = (i_c * Hk + i_h) * NT
-    rf = tl.arange(0, F)
-    ea = _spread(KP, BD, False)
-    eb = _spread(KP, BD, True)
-    for tile in range(NT):
-        a, b = _tile_ab(tile, NB)
-        xa, xb = _tile_factors(k, t, mt, i_h, Hk, d, a, b, ea, eb, KP, BD, BF16, PREC)
-        coef = _pair_coef(a, b, BD)
-        slot = (base + tile).to(tl.int64)
-        dSt = tl.load(dstates + slot * F * e + rf[:, None] * e + re[None, :],
-                      mask=me[None, :], other=0.0)
-        dzt = tl.load(dzstates + slot * F + rf)
-        St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
-                     mask=me[None, :], other=0.0)
-        across += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), axis=1)
-        across += tl.load(zstates + slot * F + rf) * dzt
-        grad_vs += _dot(xa * xb * coef[None, :], dSt, BF16, PREC)
-        w = (_dot(vv, tl.trans(dSt), BF16, PREC) + dzt[None, :]) * coef[None, :]   # [C, F]
-        grad_ks += _dot32(w * xb, _gather(a, DK, BD, False), PREC)
-        grad_ks += _dot32(w * xa, _gather(b, DK, BD, True), PREC)
-    grad_ks = to_end[:, None] * grad_ks
-    grad_k += grad_ks
-    grad_v += to_end[:, None] * grad_vs
     tl.store(dk + (t[:, None] * Hk + i_h) * d + rd[None, :], grad_k.to(dk.dtype.element_ty),
              mask=mt[:, None])
     tl.store(dv + (t[:, None] * Hk + i_h) * e + re[None, :], grad_v.to(dv.dtype.element_ty),
              mask=mt[:, None] & me[None, :])
-    # pairs (key j < t of this chunk, later chunk or final state): k_j . dk_j (state part) is
-    # twice their sum for key j; pairs (before the chunk, after it) pass the whole chunk
-    to_state = tl.sum(kk.to(tl.float32) * grad_ks, axis=1) * 0.5
-    gate_part = tl.cumsum(to_state, axis=0) - to_state + tl.exp(g_last) * tl.sum(across, axis=0)
     tl.store(dg_k + t * Hk + i_h, gate_part, mask=mt)
 
 
