@@ -40,8 +40,8 @@ INPUTS = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}
 
 
 def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
-    """Triton types of ``fn``'s arguments for inputs of ``dtype`` (chunk states as host.py
-    allocates them: bf16 for bf16 inputs, fp32 otherwise)."""
+    """Triton types of ``fn``'s arguments for inputs of ``dtype`` (chunk states and ``dy`` as
+    host.py allocates them: bf16 for bf16 inputs, fp32 otherwise)."""
     states = "bf16" if dtype == torch.bfloat16 else "fp32"
     sig = {}
     for name in fn.arg_names:
@@ -55,7 +55,7 @@ def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
             sig[name] = INDEX[name]
         elif name in INPUTS:
             sig[name] = "*" + TRITON_TYPES[dtype]
-        elif name in ("states", "dstates"):
+        elif name in ("states", "dstates", "dy"):
             sig[name] = "*" + states
         else:
             sig[name] = "*fp32"

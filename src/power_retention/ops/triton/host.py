@@ -55,8 +55,11 @@ class _Launcher:
     def __init__(self, fn, key, e_blocks=()):
         self.fn = fn
         self.tuned_names = ("BE",) if e_blocks else ()
-        configs = [triton.Config({"BE": be} if be else {}, num_warps=w, num_stages=2)
-                   for be in (e_blocks or (None,)) for w in (4, 8)]
+        # the scans (e_blocks given) also try a third stage: a deeper prefetch of the next
+        # chunks' keys and values for their chain of dependent steps
+        configs = [triton.Config({"BE": be} if be else {}, num_warps=w, num_stages=st)
+                   for be in (e_blocks or (None,)) for w in (4, 8)
+                   for st in ((2, 3) if e_blocks else (2,))]
         self.tuned = None if INTERPRET else triton.autotune(configs, key=key)(fn)
 
     def __getitem__(self, grid):
@@ -212,12 +215,14 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scal
 
     states, zstates, _, _ = _states(qf, kf, vf, gf, S0, z0, lay, C)
     o, den = _flat(o), den.reshape(Ttot, Hq)
-    inv_den = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
+    # do / den in the dtype the products read it in (bf16 for bf16 inputs)
+    dy = _empty(Ttot, Hq, e, dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32,
+                device=q.device)
     dyz = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
     if Ttot:
         BT = 64
         kernels.prepare_bwd_kernel[(triton.cdiv(Ttot, BT), Hq)](
-            o, dof, den, inv_den, dyz, Ttot, Hq, e, BT=BT, EP=EP)
+            o, dof, den, dy, dyz, Ttot, Hq, e, BT=BT, EP=EP)
 
     dstates = _empty(*states.shape, dtype=states.dtype, device=q.device)
     dzstates = _empty(*zstates.shape, dtype=torch.float32, device=q.device)
@@ -226,7 +231,7 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scal
     dS_T, dz_T = dS_T.contiguous().float(), dz_T.contiguous().float()
     if lay.N:
         grid, seqs = _scan_grid(NB, e, lay, Hk)
-        state_bwd[grid](qf, gf, dof, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0, dz0,
+        state_bwd[grid](qf, gf, dy, dyz, dS_T, dz_T, dstates, dzstates, dS0, dz0,
                         lay.cu, lay.chunk_offsets, scale, Hq, Hk, d, e, D, seqs, Hq // Hk, C=C,
                         BD=BD, NB=NB, BE=BE, LOOP_FOR=not INTERPRET, **flags)
 
@@ -236,11 +241,11 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scal
     dg_q = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
     dg_k = _empty(Ttot, Hk, dtype=torch.float32, device=q.device)
     if lay.n_chunks:
-        dq_bwd[(lay.n_chunks, Hq)](qf, kf, vf, gf, states, zstates, dof, inv_den, dyz, dq, dg_q,
+        dq_bwd[(lay.n_chunks, Hq)](qf, kf, vf, gf, states, zstates, dy, dyz, dq, dg_q,
                                    lay.cu, lay.chunk_indices, scale, Hq, Hk, d, e, C=C, BD=BD,
                                    NB=NB, EP=EP, **flags)
-        dkv_bwd[(lay.n_chunks, Hk)](qf, kf, vf, gf, states, zstates, dstates, dzstates, dof,
-                                    inv_den, dyz, dk, dv, dg_k, lay.cu, lay.chunk_indices, scale,
+        dkv_bwd[(lay.n_chunks, Hk)](qf, kf, vf, gf, states, zstates, dstates, dzstates, dy,
+                                    dyz, dk, dv, dg_k, lay.cu, lay.chunk_indices, scale,
                                     Hq, Hk, d, e, Hq // Hk, C=C, BD=BD, NB=NB, EP=EP, **flags)
 
     dg = None

@@ -304,10 +304,11 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, den_out, cu_seqlens, chunk
 
 
 @triton.jit
-def prepare_bwd_kernel(o, do, den, inv_den, dyz, T, Hq, e,
+def prepare_bwd_kernel(o, do, den, dy, dyz, T, Hq, e,
                        BT: tl.constexpr, EP: tl.constexpr):
-    """Gradient of the division: ``dy_v = do / den`` (stored as ``1 / den``) and
-    ``dy_z = -(do . o) / den`` for the denominator column (0 where ``den == 0``)."""
+    """Gradient of the division: ``dy_v = do / den`` (``dy``, in the dtype the products read:
+    bf16 for bf16 inputs, fp32 otherwise) and ``dy_z = -(do . o) / den`` for the denominator
+    column (0 where ``den == 0``)."""
     i_t, i_hq = tl.program_id(0), tl.program_id(1)
     t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
     mt = t < T
@@ -319,12 +320,13 @@ def prepare_bwd_kernel(o, do, den, inv_den, dyz, T, Hq, e,
     zero = dd == 0
     inv = 1.0 / tl.where(zero, 1.0, dd)
     delta = tl.sum(oo.to(tl.float32) * gg.to(tl.float32), axis=1)
-    tl.store(inv_den + t * Hq + i_hq, inv, mask=mt)
+    tl.store(dy + (t[:, None] * Hq + i_hq) * e + re[None, :],
+             (gg.to(tl.float32) * inv[:, None]).to(dy.dtype.element_ty), mask=m)
     tl.store(dyz + t * Hq + i_hq, tl.where(zero, 0.0, -delta * inv), mask=mt)
 
 
 @triton.jit
-def _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz, n, chunk0, bos, eos, i_h,
+def _state_bwd_chunk(q, g, dy, dyz, dstates, dzstates, dS, dz, n, chunk0, bos, eos, i_h,
                      Hq, Hk, d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf,
                      GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
                      NT: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
@@ -349,10 +351,8 @@ def _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz, n, chunk
         qb = _load_block_t(q, t, mt, i_hq, Hq, d, b, KP, BD)
         phi_t = _dot(ea_t, qa, BF16, PREC) * _dot(eb_t, qb, BF16, PREC)   # [F, C]
         phi_t = phi_t * coef[:, None] * from_start[None, :]
-        inv = tl.load(inv_den + t * Hq + i_hq, mask=mt, other=0.0)
-        dyv = tl.load(do + (t[:, None] * Hq + i_hq) * e + re[None, :],
-                      mask=mt[:, None] & me[None, :], other=0.0).to(tl.float32)
-        dyv = dyv * inv[:, None]
+        dyv = tl.load(dy + (t[:, None] * Hq + i_hq) * e + re[None, :],
+                      mask=mt[:, None] & me[None, :], other=0.0)
         dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
         # dS += phi(Q)^T dY: [F, C] @ [C, BE]
         dS += _dot(phi_t, dyv, BF16, PREC)
@@ -361,7 +361,7 @@ def _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz, n, chunk
 
 
 @triton.jit
-def state_bwd_kernel(q, g, do, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0, dz0,
+def state_bwd_kernel(q, g, dy, dyz, dS_T, dz_T, dstates, dzstates, dS0, dz0,
                      cu_seqlens, chunk_offsets, scale, Hq, Hk, d, e, D, SEQS,
                      GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
                      NB: tl.constexpr, BE: tl.constexpr, USE_GATE: tl.constexpr,
@@ -394,14 +394,14 @@ def state_bwd_kernel(q, g, do, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0,
     dz = tl.load(dz_T + pub * D + row, mask=exists, other=0.0)
     if LOOP_FOR:
         for i in range(n_chunks):
-            dS, dz = _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz,
+            dS, dz = _state_bwd_chunk(q, g, dy, dyz, dstates, dzstates, dS, dz,
                                       n_chunks - 1 - i, chunk0, bos, eos, i_h, Hq, Hk, d, e,
                                       tile, a, b, ea_t, eb_t, coef, re, me, rf, GROUPS, C, BD, KP,
                                       NT, USE_GATE, BF16, PREC)
     else:
         n = n_chunks - 1
         while n >= 0:
-            dS, dz = _state_bwd_chunk(q, g, do, inv_den, dyz, dstates, dzstates, dS, dz, n,
+            dS, dz = _state_bwd_chunk(q, g, dy, dyz, dstates, dzstates, dS, dz, n,
                                       chunk0, bos, eos, i_h, Hq, Hk, d, e, tile, a, b, ea_t, eb_t,
                                       coef, re, me, rf, GROUPS, C, BD, KP, NT, USE_GATE, BF16,
                                       PREC)
@@ -412,7 +412,7 @@ def state_bwd_kernel(q, g, do, inv_den, dyz, dS_T, dz_T, dstates, dzstates, dS0,
 
 
 @triton.jit
-def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, dg_q, cu_seqlens,
+def dq_kernel(q, k, v, g, states, zstates, dy, dyz, dq, dg_q, cu_seqlens,
               chunk_indices, scale, Hq, Hk, d, e,
               C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
               EP: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
@@ -437,10 +437,8 @@ def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, dg_q, cu_seqlen
     kk = tl.load(k + (t[:, None] * Hk + i_h) * d + rd[None, :], mask=mt[:, None], other=0.0)
     vv = tl.load(v + (t[:, None] * Hk + i_h) * e + re[None, :],
                  mask=mt[:, None] & me[None, :], other=0.0)
-    inv = tl.load(inv_den + t * Hq + i_hq, mask=mt, other=0.0)
-    dyv = tl.load(do + (t[:, None] * Hq + i_hq) * e + re[None, :],
-                  mask=mt[:, None] & me[None, :], other=0.0).to(tl.float32) * inv[:, None]
-    dyv = dyv.to(tl.bfloat16) if BF16 else dyv
+    dyv = tl.load(dy + (t[:, None] * Hq + i_hq) * e + re[None, :],
+                  mask=mt[:, None] & me[None, :], other=0.0)
     dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
     gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
 
@@ -476,7 +474,7 @@ def dq_kernel(q, k, v, g, states, zstates, do, inv_den, dyz, dq, dg_q, cu_seqlen
 
 
 @triton.jit
-def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, do, inv_den, dyz, dk, dv, dg_k,
+def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, dg_k,
                cu_seqlens, chunk_indices, scale, Hq, Hk, d, e, GROUPS: tl.constexpr,
                C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
                EP: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
@@ -543,10 +541,8 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, do, inv_den, dyz,
         i_hq = i_h * GROUPS + r
         qq = tl.load(q + (t[:, None] * Hq + i_hq) * d + rd[None, :], mask=mt[:, None],
                      other=0.0)
-        inv = tl.load(inv_den + t * Hq + i_hq, mask=mt, other=0.0)
-        dyv = tl.load(do + (t[:, None] * Hq + i_hq) * e + re[None, :],
-                      mask=mt[:, None] & me[None, :], other=0.0).to(tl.float32) * inv[:, None]
-        dyv = dyv.to(tl.bfloat16) if BF16 else dyv
+        dyv = tl.load(dy + (t[:, None] * Hq + i_hq) * e + re[None, :],
+                      mask=mt[:, None] & me[None, :], other=0.0)
         dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
         s = _dot(qq, tl.trans(kk), BF16, PREC) * scale                 # [C(i), C(j)]
         w = s * s * decay
