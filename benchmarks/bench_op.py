@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from power_retention import DecodeBuffer, power_retention, power_retention_decode, sympow_dim
+from power_retention import DecodeBuffer, power_retention, power_retention_decode_into, sympow_dim
 from power_retention.ops.naive import attention_reference
 from power_retention.ops.triton import host
 
@@ -106,23 +106,36 @@ def time_sdpa(batch: int, t: int, mode: str, backend) -> dict:
             "tflops": sdpa_flops(batch, t, mode) / ms / 1e9}
 
 
-def time_decode(batch: int, buffered: int, prefix: int = 256) -> dict:
-    """One new token against a real state (from a ``prefix``-token call of the op) and
-    ``buffered`` recent tokens; checked against the reference over the whole stream."""
+def time_decode(batch: int, buffered: int, prefix: int = 256, capacity: int = 64) -> dict:
+    """One new token per sequence against a real state (from a ``prefix``-token call of the
+    op) and ``buffered`` recent tokens in a preallocated ``capacity``-slot buffer, as a model's
+    cache decodes (``power_retention_decode_into``); checked against the reference over the
+    whole stream. Timed eagerly (host launches included) and replayed from a CUDA graph (the
+    kernels alone, as a graphed model step runs them)."""
     q, k, v, g = make(batch, prefix + buffered + 1, requires_grad=False, seed=2)
     _, state = power_retention(q[:, :prefix], k[:, :prefix], v[:, :prefix], g[:, :prefix],
                                output_final_state=True)
-    buffer = None
-    if buffered:
-        buffer = DecodeBuffer(*(x[:, prefix:prefix + buffered] for x in (k, v, g)))
-    new = [x[:, prefix + buffered:] for x in (q, k, v, g)]
-    o, _, _ = power_retention_decode(*new, state, buffer)
+    slots = DecodeBuffer(k.new_zeros(batch, capacity, HEADS, D_HEAD),
+                         v.new_zeros(batch, capacity, HEADS, D_HEAD),
+                         g.new_zeros(batch, capacity, HEADS))
+    for slot, x in zip(slots, (k, v, g)):
+        slot[:, :buffered] = x[:, prefix:prefix + buffered]
+    new = [x[:, prefix + buffered:].contiguous() for x in (q, k, v, g)]
+
+    def step():
+        return power_retention_decode_into(*new, state, slots, buffered)
+    o = step()
     ref, _ = attention_reference(*(x.double() for x in (q, k, v, g)))
     err = float((o.double() - ref[:, -1:]).norm() / ref[:, -1:].norm())
-    ms = bench(lambda: power_retention_decode(*new, state, buffer))
+    eager_ms = bench(step)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graphed_ms = bench(graph.replay)
     D = sympow_dim(D_HEAD, 2)
     state_bytes = batch * HEADS * D * (D_HEAD + 1) * 4
-    return {"impl": "decode (triton)", "batch": batch, "buffered": buffered, "us": ms * 1e3,
+    return {"impl": "decode (triton)", "batch": batch, "buffered": buffered,
+            "us": eager_ms * 1e3, "graphed_us": graphed_ms * 1e3,
             "state_read_us": state_bytes / HBM_BYTES_PER_S * 1e6, "rel_err": err}
 
 
@@ -153,6 +166,8 @@ def main() -> None:
                         help="odd lengths, ours only, per token against the nearest length")
     parser.add_argument("--decode-batches", default="1,64")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                        help="skip the per-kernel profile of one forward + backward at 64k")
     args = parser.parse_args()
     torch.manual_seed(0)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -190,7 +205,7 @@ def main() -> None:
             decode.append(time_decode(batch, buffered))
             print(decode[-1], flush=True)
             save()
-    breakdown = kernel_breakdown()
+    breakdown = kernel_breakdown() if args.breakdown else []
     save(odd=odd, breakdown_t65536=breakdown)
 
     print(f"\n{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
@@ -221,9 +236,11 @@ def main() -> None:
               f"  ({ratio:.2f}x)")
     print("\ndecode, one token per sequence per layer (16 heads, d = 64, fp32 state)")
     for r in decode:
-        print(f"batch {r['batch']:>3} buffered {r['buffered']:>3}: {r['us']:8.1f} us   "
-              f"(state read once from HBM: {r['state_read_us']:6.1f} us; err {r['rel_err']:.1e})")
-    print("\nper kernel, one forward + backward at t = 65,536, batch 1 (torch.profiler)")
+        print(f"batch {r['batch']:>3} buffered {r['buffered']:>3}: graphed {r['graphed_us']:7.1f}"
+              f" us, eager {r['us']:7.1f} us (state read once from HBM: "
+              f"{r['state_read_us']:6.1f} us; err {r['rel_err']:.1e})")
+    if breakdown:
+        print("\nper kernel, one forward + backward at t = 65,536, batch 1 (torch.profiler)")
     for r in breakdown:
         print(f"{r['ms']:9.3f} ms  {r['calls']:3d} calls  {r['kernel']}")
     print(f"\nwritten: {args.out}")

@@ -75,7 +75,7 @@ def build_model(args, time_mixing: str) -> PowerRetentionForCausalLM:
         num_attention_heads=args.num_attention_heads,
         num_key_value_heads=args.num_key_value_heads, head_dim=args.head_dim,
         chunk_size=args.chunk_size, time_mixing=time_mixing, deg=args.deg,
-        max_position_embeddings=max(args.contexts) + args.steps + 64)
+        max_position_embeddings=max(args.contexts, default=0) + args.steps + 64)
     with torch.device(args.device):
         model = PowerRetentionForCausalLM(config)
     return model.to(DTYPES[args.dtype]).eval()
@@ -216,7 +216,31 @@ def time_decode(model, cache, context: int, batch: int, args) -> dict:
               "cuda_graphs": args.cuda_graphs}
     if device.type == "cuda":
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        # the transformer's captured step hit a device-side index assert under the profiler
+        # (2026-11-29, torch 2.11), so only power retention's steps are profiled
+        if args.profile and graphable(model):
+            result["profile"] = profile_steps(step, warmup + args.steps)
     return result
+
+
+def profile_steps(step, first: int, steps: int = 8) -> dict:
+    """Kernels per decode step and their GPU time (torch.profiler's CUDA activity, which also
+    records the kernels a CUDA graph replays): what a step spends beyond its kernels' own time
+    is launch gaps."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(first + i)
+        torch.cuda.synchronize()
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if us > 0 and not event.key.startswith("cuda"):          # runtime calls, not GPU work
+            kernels.append((us, event.count, event.key[:70]))
+    kernels.sort(reverse=True)
+    return {"kernels_per_step": sum(c for _, c, _ in kernels) / steps,
+            "kernel_ms_per_step": sum(us for us, _, _ in kernels) / steps / 1e3,
+            "top": [{"kernel": name, "per_step": c / steps, "ms_per_step": us / steps / 1e3}
+                    for us, c, name in kernels[:8]]}
 
 
 def serving_load(model, kind: str, args) -> dict:
@@ -282,7 +306,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     parser.add_argument("--deg", type=int, default=2)
     parser.add_argument("--dtype", choices=list(DTYPES), default=None)
-    parser.add_argument("--contexts", type=int, nargs="+", default=None)
+    parser.add_argument("--contexts", type=int, nargs="*", default=None,
+                        help="context lengths to time decoding at (none: only --serving-load)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--models", nargs="+", choices=["power", "softmax"],
                         default=["power", "softmax"])
@@ -300,6 +325,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="time eager decode steps (on a GPU the default replays CUDA "
                              "graphs: the host's launch overhead out of the loop)")
+    parser.add_argument("--profile", action="store_true",
+                        help="on a GPU: kernels per power retention decode step and their time "
+                             "(torch.profiler)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
     parser.add_argument("--output", default=None, help="write all results here as JSON")
     args = parser.parse_args(argv)
@@ -359,6 +387,12 @@ def main(argv=None) -> list[dict]:
                       f"{row['cache_bytes'] / 2**20:10.1f} MiB"
                       + ("" if peak is None else f", peak allocated {peak / 2**30:.2f} GiB"),
                       flush=True)
+                if "profile" in row:
+                    p = row["profile"]
+                    print(f"      {p['kernels_per_step']:.0f} kernels per step, "
+                          f"{p['kernel_ms_per_step']:.2f} ms of kernel time; top: "
+                          + "; ".join(f"{t['ms_per_step'] * 1e3:.0f} us {t['kernel'][:40]}"
+                                      for t in p["top"][:5]), flush=True)
                 rows.append(row)
                 del cache
                 if args.device.type == "cuda":

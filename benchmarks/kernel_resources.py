@@ -34,9 +34,9 @@ from power_retention.ops.triton import host, kernels  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-INTS = {"Hk", "Hq", "d", "e", "D", "SEQS", "L", "T"}
+INTS = {"Hk", "Hq", "d", "e", "D", "SEQS", "L", "T", "held", "cap"}
 INDEX = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_indices": "*i32"}
-INPUTS = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}
+INPUTS = {"q", "k", "v", "o", "do", "dq", "dk", "dv", "bk", "bv"}
 
 
 def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
@@ -91,8 +91,14 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
         yield kernels.dq_kernel, dict(C=C, EP=EP, **tiling, **flags)
         yield kernels.dkv_kernel, dict(C=C, EP=EP, GROUPS=1, **tiling, **flags)
     yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP)
-    bd = 16 if e <= 64 else 8                                # as host.decode_output picks
-    yield kernels.decode_kernel, dict(LP=64, BD=bd, NB=d // bd, EP=EP, USE_GATE=True)
+    bd = 16 if e <= 64 else 8                                # as host.decode_into picks
+    NT = (d // bd) * (d // bd + 1) // 2
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    for split in (1, NT):
+        yield kernels.decode_kernel, dict(G=4, GP=16, LP=64, BD=bd, NB=d // bd, EP=EP,
+                                          SPLIT=split, PRECISION=precision)
+    yield kernels.decode_finish_kernel, dict(NT=NT, NTP=max(16, triton.next_power_of_2(NT)),
+                                             EP=EP)
 
 
 def main() -> None:

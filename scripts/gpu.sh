@@ -4,7 +4,9 @@
 # from the repository root on the GPU machine:
 #     OUT=/some/dir bash scripts/gpu.sh [pytest -k expression]
 # TEST_TIMEOUT (170 s per group of tests), BENCH_TIMEOUT (250 s) and SERVING_TIMEOUT (200 s;
-# 0 skips it) keep it inside one 600 s call.
+# 0 skips either benchmark) keep it inside one 600 s call; BENCH_ARGS and SERVING_ARGS pass
+# options to the two benchmarks (e.g. BENCH_ARGS="--seq-lens=65536 --long= --odd=",
+# SERVING_ARGS=--profile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
@@ -20,10 +22,13 @@ for selection in "${selections[@]}"; do
         | tee -a "$OUT/gpu_tests.txt" | grep -E "PASS|FAIL|Error|passed|failed|: \{|1M tokens" | tail -30
     echo "gpu tests (-k '$selection') exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.txt"
 done
-timeout ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_op.py --out "$OUT/bench_op.json" ${BENCH_ARGS:-} 2>&1 \
-    | tee "$OUT/bench_op.txt" | tail -40
+if [ "${BENCH_TIMEOUT:-250}" != 0 ]; then
+    timeout ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_op.py --out "$OUT/bench_op.json" \
+        ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_op.txt" | tail -40
+fi
 if [ "${SERVING_TIMEOUT:-200}" != 0 ]; then
     timeout ${SERVING_TIMEOUT:-200} python3 benchmarks/bench_serving.py \
-        --output "$OUT/bench_serving.json" 2>&1 | tee "$OUT/bench_serving.txt" | tail -25
+        --output "$OUT/bench_serving.json" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/bench_serving.txt" \
+        | tail -25
 fi
 cp -r ~/.cache/power_retention "$OUT/cache" 2>/dev/null || true

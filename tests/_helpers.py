@@ -41,3 +41,26 @@ def make_state(N, Hk, d, e, deg=2, *, dtype=torch.float64, seed=1, tokens=5) -> 
     w = torch.rand(N, Hk, tokens, 1, generator=gen, dtype=torch.float64)
     phi = sympow_embed(k, deg) * w
     return RetentionState((phi.transpose(-1, -2) @ v).to(dtype), phi.sum(-2).to(dtype))
+
+
+def decode_with_slots(q, k, v, g, state, capacity):
+    """Decode token by token as a cache does: each token written into a preallocated buffer of
+    ``capacity`` slots by ``power_retention_decode_into``, the buffer folded into the state by
+    ``power_retention_decode`` when it would fill. Returns ``(o, state, slots, held)``."""
+    from power_retention import DecodeBuffer, power_retention_decode, power_retention_decode_into
+    B, T, Hk, d = k.shape
+    gate_dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    slots = DecodeBuffer(k.new_zeros(B, capacity, Hk, d), v.new_zeros(B, capacity, Hk, v.shape[3]),
+                         torch.zeros(B, capacity, Hk, dtype=gate_dtype, device=k.device))
+    outs, held = [], 0
+    for i in range(T):
+        step = [None if x is None else x[:, i:i + 1] for x in (q, k, v, g)]
+        if held + 1 < capacity:
+            outs.append(power_retention_decode_into(*step, state, slots, held))
+            held += 1
+        else:
+            buffer = DecodeBuffer(*(x[:, :held] for x in slots))
+            o, state, _ = power_retention_decode(*step, state, buffer, chunk_size=capacity)
+            outs.append(o)
+            held = 0
+    return torch.cat(outs, 1), state, slots, held

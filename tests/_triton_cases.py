@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from power_retention import DecodeBuffer, RetentionState, power_retention  # noqa: E402
 from power_retention.ops.naive import attention_reference  # noqa: E402
 
-from _helpers import make_inputs, make_state, rel_err  # noqa: E402
+from _helpers import decode_with_slots, make_inputs, make_state, rel_err  # noqa: E402
 
 
 def _host():
@@ -192,6 +192,20 @@ def case_decode_ungated_with_buffer():
     ro, _ = attention_reference(q.double(), k.double(), v.double(),
                                 initial_state=RetentionState(st.S, st.z))
     return {"o": rel_err(o, ro[:, 5:])}
+
+
+def case_decode_into_gqa():
+    """Decoding into preallocated slots (the model's cache): the kernel writes each token into
+    its slot and reads the buffer there; folds every ``capacity`` tokens."""
+    _host()
+    q, k, v, g = make_inputs(3, 19, 6, 2, 32, 12, dtype=torch.float16, seed=8)
+    st = make_state(3, 2, 32, 12, seed=9)
+    state = RetentionState(st.S.float(), st.z.float())
+    o, _, slots, held = decode_with_slots(q, k, v, g, state, capacity=8)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), g.double(),
+                                initial_state=RetentionState(st.S, st.z))
+    return {"o": rel_err(o, ro), "slots_differ": float(not torch.equal(slots.k[:, :held],
+                                                                       k[:, -held:]))}
 
 
 if __name__ == "__main__":

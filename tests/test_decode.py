@@ -7,7 +7,7 @@ import torch
 
 from power_retention import DecodeBuffer, RetentionState, power_retention, power_retention_decode
 
-from _helpers import make_inputs, make_state, rel_err
+from _helpers import decode_with_slots, make_inputs, make_state, rel_err
 
 
 def _stream(q, k, v, g, state, steps, chunk_size, deg=2):
@@ -67,3 +67,13 @@ def test_decode_half_precision_keeps_fp32_state():
     assert o.dtype == torch.bfloat16 and state.S.dtype == torch.float32
     assert buffer.k.dtype == torch.bfloat16 and buffer.log_gate.dtype == torch.float32
     assert isinstance(buffer, DecodeBuffer) and buffer.k.shape[1] == 0   # 5 >= 4: folded
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_decode_into_preallocated_slots_equals_parallel(gated):
+    q, k, v, g = make_inputs(T=23, Hq=4, Hk=2, d=4, e=3, gated=gated)
+    init = make_state(2, 2, 4, 3)
+    ref = power_retention(q, k, v, g, initial_state=init)
+    o, _, slots, held = decode_with_slots(q, k, v, g, init, capacity=8)
+    assert rel_err(o, ref) < 1e-12
+    assert held == 23 - 2 * 8 and torch.equal(slots.k[:, :held], k[:, -held:])

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from power_retention import DecodeBuffer, RetentionState, power_retention, power_retention_decode
+from power_retention import (
+    DecodeBuffer,
+    RetentionState,
+    power_retention,
+    power_retention_decode,
+    power_retention_decode_into,
+)
 
 from _helpers import make_inputs, make_state
 
@@ -126,3 +132,20 @@ def test_decode_errors(inputs):
         power_retention_decode(q, k, v, g, state, buffer=bad, chunk_size=4)
     with pytest.raises(ValueError, match="chunk_size must be given when decoding"):
         power_retention_decode(q, k, v, g, state, chunk_size=None)
+
+
+def test_decode_into_errors(inputs):
+    q, k, v, g = (x[:, :1] for x in inputs)
+    state = RetentionState.zeros(1, 2, 4, 3)
+    slots = DecodeBuffer(k.new_zeros(1, 4, 2, 4), v.new_zeros(1, 4, 2, 3), g.new_zeros(1, 4, 2))
+    with pytest.raises(ValueError, match=r"held \+ new tokens must fit the buffer: held = 4"):
+        power_retention_decode_into(q, k, v, g, state, slots, 4)
+    with pytest.raises(TypeError, match="held must be an int"):
+        power_retention_decode_into(q, k, v, g, state, slots, 1.0)
+    sliced = DecodeBuffer(*(x[:, ::2] for x in slots))
+    with pytest.raises(ValueError, match="buffer.k must be contiguous"):
+        power_retention_decode_into(q, k, v, g, state, sliced, 0)
+    with pytest.raises(TypeError, match=r"buffer.v must have the dtype of v \(torch.float32\)"):
+        power_retention_decode_into(q, k, v, g, state, slots._replace(v=slots.v.half()), 0)
+    with pytest.raises(ValueError, match=r"buffer.log_gate must have shape \[B, capacity, Hk\]"):
+        power_retention_decode_into(q, k, v, g, state, slots._replace(log_gate=g), 0)

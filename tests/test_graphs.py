@@ -4,6 +4,8 @@ the backend with and without graphs."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -15,7 +17,13 @@ from power_retention.model import (
     PowerRetentionForCausalLM,
     graphable,
 )
-from power_retention.serving import RetentionBackend, SamplingParams, TextTokenizer, generate_stream
+from power_retention.serving import (
+    Engine,
+    RetentionBackend,
+    SamplingParams,
+    TextTokenizer,
+    generate_stream,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -103,3 +111,34 @@ def test_generate_with_and_without_graphs_gives_the_same_tokens():
         assert backend.cuda_graphs == graphs
         runs.append([e.token for e in generate_stream(backend, tokenizer, prompt, params)])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_engine_keeps_its_graphs_while_requests_come_and_go():
+    """Persistent slots: requests of different lengths through the engine with CUDA graphs
+    (rows join, leave, double and halve under one set of graphs per size) get the greedy
+    tokens each gets alone, decoded eagerly."""
+    model = model_of(["power", "linear"], "cuda", chunk=8)
+    tokenizer = TextTokenizer(ByteTokenizer())
+    backend = RetentionBackend(model)
+    assert backend.cuda_graphs and backend.persistent
+    requests = [(tokenizer.encode_prompt("x" * (3 + 5 * i)),
+                 SamplingParams(max_new_tokens=12 + 9 * i, greedy=True, ignore_eos=True))
+                for i in range(6)]
+    outputs = [[] for _ in requests]
+    done = [threading.Event() for _ in requests]
+    engine = Engine(backend, tokenizer).start()
+    try:
+        for i, (prompt, params) in enumerate(requests):
+            def on_event(event, i=i):
+                outputs[i].append(event.token)
+                if event.finish_reason is not None:
+                    done[i].set()
+            engine.submit(prompt, params, on_event)
+        assert all(d.wait(120) for d in done)
+    finally:
+        engine.stop()
+    eager = RetentionBackend(model, cuda_graphs=False)
+    for (prompt, params), tokens in zip(requests, outputs):
+        assert tokens == [e.token for e in generate_stream(eager, tokenizer, prompt, params)]

@@ -371,15 +371,19 @@ def test_engine_serves_any_transformers_model_one_sequence_at_a_time():
 # -- the batched backend itself ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kinds", [["power", "linear"], ["power", "softmax"], ["window", "power"]])
+@pytest.mark.parametrize("kinds, slots", [(["power", "linear"], False),
+                                          (["power", "linear"], True),
+                                          (["power", "softmax"], False),
+                                          (["window", "power"], False)])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
-def test_batch_rows_match_each_sequence_alone(kinds, dtype, tolerance):
+def test_batch_rows_match_each_sequence_alone(kinds, slots, dtype, tolerance):
     """Sequences join a running batch every 3 steps (so power buffers, KV caches and window
     caches of other lengths get left-padded) and one leaves: every row's logits equal those of
-    its sequence alone, to ``tolerance`` (float32 rounds differently in a batch)."""
-    backend = RetentionBackend(tiny_model(dtype, kinds=kinds), MODEL)
+    its sequence alone, to ``tolerance`` (float32 rounds differently in a batch). With
+    persistent slots the rows grow 1 -> 2 -> 4 and, once only one sequence runs, shrink to 2."""
+    backend = RetentionBackend(tiny_model(dtype, kinds=kinds), MODEL, persistent_slots=slots)
     prompts = [list(range(1, 1 + n)) for n in (3, 10, 17, 8)]
-    steps = 15
+    steps = 18
 
     def alone(prompt):
         logits, cache = backend.prefill(prompt)
@@ -412,6 +416,13 @@ def test_batch_rows_match_each_sequence_alone(kinds, dtype, tolerance):
     for _ in range(3):
         step()
     assert batch.rows == 3
+    if slots:
+        assert batch.capacity == 4
+        finished[2], finished[3] = running.pop(1), running.pop(1)
+        batch = backend.keep(batch, [0])
+        assert batch.capacity == 2 and batch.rows == 1
+        for _ in range(3):
+            step()
     finished.update(zip((0, 2, 3), running))
     for index, (_, tokens, seen) in finished.items():
         tokens_alone, rows_alone = expected[index]

@@ -23,7 +23,7 @@ from torch import nn
 from power_retention import DecodeBuffer, RetentionState, power_retention, power_retention_decode
 from power_retention.ops.naive import attention_reference
 
-from _helpers import make_state, rel_err
+from _helpers import decode_with_slots, make_state, rel_err
 
 HERE = Path(__file__).parent
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
@@ -39,6 +39,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "public_api_autograd": torch.float32,
     "decode": torch.float32,
     "decode_ungated_with_buffer": torch.float32,
+    "decode_into_gqa": torch.float16,
 }
 
 gpu = pytest.mark.gpu
@@ -84,7 +85,7 @@ def test_kernels_compile_for_hopper(dtype):
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
     assert {row[0] for row in rows} == {
         "state_fwd_kernel", "state_bwd_kernel", "output_fwd_kernel", "dq_kernel", "dkv_kernel",
-        "prepare_bwd_kernel", "decode_kernel"}
+        "prepare_bwd_kernel", "decode_kernel", "decode_finish_kernel"}
     assert all(1 <= int(row[4]) <= 255 for row in rows), result.stdout
 
 
@@ -287,6 +288,24 @@ def test_gpu_decode_matches_reference():
                                 initial_state=RetentionState(st.S.cuda(), st.z.cuda()))
     assert rel_err(o, ro[:, L:]) <= GPU_TOLERANCE[torch.bfloat16]
     assert buffer.k.shape[1] == L + 1
+
+
+@gpu
+@needs_cuda
+def test_gpu_decode_into_slots_matches_reference():
+    """The model's decoding shape (32 query / 8 KV heads of 64, bf16, a 64-slot buffer): 70
+    tokens into preallocated slots, one fold, against float64."""
+    B, T, Hq, Hk, d = 16, 70, 32, 8, 64
+    q, k, v, g = _gpu_inputs(B, T, Hq, Hk, d, d, torch.bfloat16, seed=7)
+    st = make_state(B, Hk, d, d, seed=8)
+    state = RetentionState(st.S.float().cuda(), st.z.float().cuda())
+    o, _, slots, held = decode_with_slots(q, k, v, g, state, capacity=64)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), g.double(),
+                                initial_state=RetentionState(st.S.cuda(), st.z.cuda()))
+    err = rel_err(o, ro)
+    print(f"decode into slots, bf16 GQA 32/8: relative error {err:.2e}")
+    assert err <= GPU_TOLERANCE[torch.bfloat16]
+    assert held == T - 64 and torch.equal(slots.k[:, :held], k[:, -held:])
 
 
 @gpu

@@ -6,6 +6,7 @@ from .ops import (
                   attention_reference,
                   power_retention,
                   power_retention_decode,
+                  power_retention_decode_into,
                   recurrent_reference,
                   state_bytes,
                   sympow_dim,
@@ -15,5 +16,5 @@ from .ops import (
 __version__ = "0.1.0"
 
 __all__ = ["DecodeBuffer", "RetentionState", "attention_reference", "power_retention",
-           "power_retention_decode", "recurrent_reference", "state_bytes", "sympow_dim",
-           "sympow_embed"]
+           "power_retention_decode", "power_retention_decode_into", "recurrent_reference",
+           "state_bytes", "sympow_dim", "sympow_embed"]

@@ -92,6 +92,22 @@ class RecurrentCacheLayer(CacheLayerMixin):
         self.buffer_len = n
         self.seen_tokens += num_new_tokens
 
+    def slots(self, key_states: Tensor, value_states: Tensor) -> DecodeBuffer:
+        """The whole preallocated buffer (``buffer_capacity`` slots, the first ``buffer_len``
+        in use), allocated like ``key_states`` on first use, for
+        :func:`~power_retention.power_retention_decode_into` to write the next token into."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return DecodeBuffer(self.buffer_k, self.buffer_v, self.buffer_log_gate)
+
+    def appended(self, state: RetentionState, num_new_tokens: int = 1) -> None:
+        """Count ``num_new_tokens`` written into the buffer's next slots (``state`` is kept
+        when the layer had none yet)."""
+        if self.state is None:
+            self.state, self.device = state, state.S.device
+        self.buffer_len += num_new_tokens
+        self.seen_tokens += num_new_tokens
+
     def get_seq_length(self) -> int:
         return self.seen_tokens
 
@@ -101,14 +117,15 @@ class RecurrentCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def _tensors(self) -> list[Tensor]:
+    def tensors(self) -> list[Tensor]:
+        """The tensors held: ``S``, ``z`` and, once allocated, the buffer's three."""
         tensors = [] if self.state is None else [self.state.S, self.state.z]
         if self.is_initialized:
             tensors += [self.buffer_k, self.buffer_v, self.buffer_log_gate]
         return tensors
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def _map_batch(self, fn) -> None:
         if self.state is not None:

@@ -26,6 +26,7 @@ from power_retention.ops import (
     RetentionState,
     power_retention,
     power_retention_decode,
+    power_retention_decode_into,
     state_bytes,
 )
 
@@ -48,10 +49,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float() if dtype != torch.float64 else x
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # fp32 inside (float64 stays), one fused kernel on a GPU; rounded to x's dtype, then
+        # scaled, as Llama's norm does
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def make_norm(config: PowerRetentionConfig, size: int) -> nn.Module:
@@ -178,6 +178,11 @@ class PowerRetentionAttention(nn.Module):
                 state = RetentionState.zeros(x.shape[0], self.num_kv_heads, self.head_dim,
                                              self.head_dim, self.deg, device=x.device,
                                              dtype=gate_dtype)
+            if layer.buffer_len + 1 < layer.buffer_capacity:     # written in place, no fold
+                o = power_retention_decode_into(q, k, v, log_gate, state, layer.slots(k, v),
+                                                layer.buffer_len, deg=self.deg)
+                layer.appended(state)
+                return o
             o, state, buffer = power_retention_decode(
                 q, k, v, log_gate, state, layer.buffer, deg=self.deg,
                 chunk_size=self.config.decode_chunk_size)

@@ -98,4 +98,4 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     result keeps the dtype of ``x`` (under bf16 autocast the angles are fp32 while the
     projections are bf16, and ``q, k, v`` must share a dtype)."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+    return torch.addcmul(x * cos, rotate_half(x), sin).to(x.dtype)   # one kernel less

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_decode_inputs, check_inputs
+from .checks import check_decode_inputs, check_decode_into_inputs, check_inputs
 from .chunk import chunk_forward, chunk_forward_varlen, compute_dtype, default_chunk_size
-from .decode import decode_step
+from .decode import decode_attend, decode_step, gate_zeros
 from .state import DecodeBuffer, RetentionState, sympow_dim
 
 try:                                        # the Triton kernels (CUDA, deg 2: see supported)
@@ -177,11 +177,38 @@ def power_retention_decode(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | N
     # the Triton kernel answers single-token steps that do not fill the buffer; a step that
     # folds the buffer into the state (once every chunk_size tokens) runs the PyTorch path
     if q.shape[1] == 1 and held + 1 < chunk_size and _use_triton(q, v, deg):
-        gate = log_gate if log_gate is not None else state.z.new_zeros(*k.shape[:3])
-        if buffer is not None:
-            k, v = torch.cat([buffer.k, k], 1), torch.cat([buffer.v, v], 1)
-            gate = torch.cat([buffer.log_gate.to(gate.dtype), gate], 1)
-        o = _triton_ops.decode_output(q, k, v, gate, state.S, state.z, scale)
-        return o, state, DecodeBuffer(k, v, gate)
+        gate = (log_gate if log_gate is not None else gate_zeros(k)).float()
+        if buffer is None:
+            new = DecodeBuffer(k.contiguous(), v.contiguous(), gate.contiguous())
+        else:
+            new = DecodeBuffer(torch.cat([buffer.k, k], 1), torch.cat([buffer.v, v], 1),
+                               torch.cat([buffer.log_gate.float(), gate], 1))
+        # the kernel writes the new token into slot `held` of `new`, where it already is
+        o = _triton_ops.decode_into(q, k, v, gate, state.S, state.z, *new, held, scale)
+        return o, state, new
     return decode_step(q, k, v, log_gate, state, buffer, deg=deg, scale=scale,
                        chunk_size=chunk_size)
+
+
+def power_retention_decode_into(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None,
+                                state: RetentionState, buffer: DecodeBuffer, held: int, *,
+                                deg: int = 2, scale: float | None = None) -> Tensor:
+    """Decode into a preallocated buffer, for caches that keep room for a chunk of tokens.
+
+    ``buffer`` holds contiguous tensors of a fixed ``capacity`` (``k [B, capacity, Hk, d]``,
+    ``v [B, capacity, Hk, e]``, ``log_gate [B, capacity, Hk]`` float32) whose first ``held``
+    slots are in use. The ``n`` new tokens are written into slots ``held .. held + n - 1`` and
+    ``o [B, n, Hq, e]`` is returned: their outputs against ``state`` and all ``held + n``
+    buffered tokens. Nothing is folded and nothing is allocated but ``o``, so a CUDA graph can
+    capture the step; fold a full buffer with :func:`power_retention_decode` (passing its
+    first ``held`` slots as ``buffer``). On a GPU a single-token step is two kernel launches.
+    """
+    deg, scale = check_decode_into_inputs(q, k, v, log_gate, state, buffer, held, deg, scale)
+    gate = (log_gate if log_gate is not None else gate_zeros(k)).to(buffer.log_gate.dtype)
+    if q.shape[1] == 1 and _use_triton(q, v, deg):
+        return _triton_ops.decode_into(q, k, v, gate, state.S, state.z, *buffer, held, scale)
+    end = held + q.shape[1]
+    for slots, new in zip(buffer, (k, v, gate)):
+        slots[:, held:end].copy_(new)
+    return decode_attend(q, buffer.k[:, :end], buffer.v[:, :end], buffer.log_gate[:, :end],
+                         state, deg=deg, scale=scale)

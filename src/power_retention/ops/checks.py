@@ -142,17 +142,53 @@ def check_decode_inputs(q, k, v, log_gate, state, buffer, deg, scale, chunk_size
     if chunk_size is None:
         raise ValueError("chunk_size must be given when decoding (the buffer folds at that size)")
     B, _, Hk, d = k.shape
-    e = v.shape[-1]
-    check_state("state", state, B, Hk, sympow_dim(d, deg), e, q)
+    check_state("state", state, B, Hk, sympow_dim(d, deg), v.shape[-1], q)
     if buffer is not None:
-        if not isinstance(buffer, DecodeBuffer):
-            raise TypeError(f"buffer must be a DecodeBuffer(k, v, log_gate) or None, got "
-                            f"{type(buffer).__name__}")
-        L = buffer.k.shape[1] if isinstance(buffer.k, torch.Tensor) and buffer.k.dim() == 4 else -1
-        for name, x, shape, layout in (("k", buffer.k, (B, L, Hk, d), "[B, L, Hk, d]"),
-                                       ("v", buffer.v, (B, L, Hk, e), "[B, L, Hk, e]"),
-                                       ("log_gate", buffer.log_gate, (B, L, Hk), "[B, L, Hk]")):
-            _tensor(f"buffer.{name}", x, len(shape))
-            _shape(f"buffer.{name}", x, shape, layout)
-            _same_device(f"buffer.{name}", x, q)
+        _check_buffer(buffer, q, k, v, "L")
     return deg, scale
+
+
+def check_decode_into_inputs(q, k, v, log_gate, state, buffer, held, deg, scale):
+    """Validate the arguments of ``power_retention_decode_into``; returns ``(deg, scale)``."""
+    deg, scale = check_inputs(q, k, v, log_gate, deg, scale, None, None, None)
+    B, n, Hk, d = k.shape
+    check_state("state", state, B, Hk, sympow_dim(d, deg), v.shape[-1], q)
+    capacity = _check_buffer(buffer, q, k, v, "capacity")
+    for name, x, like in (("k", buffer.k, k), ("v", buffer.v, v)):
+        if x.dtype != like.dtype:
+            raise TypeError(f"buffer.{name} must have the dtype of {name} ({like.dtype}), got "
+                            f"{x.dtype}")
+    for name, x in zip(("k", "v", "log_gate"), buffer):
+        if not x.is_contiguous():
+            raise ValueError(f"buffer.{name} must be contiguous (a preallocated buffer of "
+                             f"capacity {capacity}, not a slice of one)")
+    if isinstance(held, bool) or not isinstance(held, int):
+        raise TypeError(f"held must be an int (tokens already in the buffer), got "
+                        f"{type(held).__name__}")
+    if not 0 <= held <= capacity - n:
+        raise ValueError(f"held + new tokens must fit the buffer: held = {held}, {n} new, "
+                         f"capacity {capacity} (fold the buffer with power_retention_decode "
+                         f"before it overflows)")
+    return deg, scale
+
+
+def _check_buffer(buffer, q, k, v, length: str) -> int:
+    """Check ``buffer`` holds ``[B, L, Hk, d]``, ``[B, L, Hk, e]``, ``[B, L, Hk]`` float tensors
+    (``L`` named ``length`` in messages); returns ``L``."""
+    if not isinstance(buffer, DecodeBuffer):
+        raise TypeError(f"buffer must be a DecodeBuffer(k, v, log_gate), got "
+                        f"{type(buffer).__name__}")
+    B, _, Hk, d = k.shape
+    e = v.shape[-1]
+    L = buffer.k.shape[1] if isinstance(buffer.k, torch.Tensor) and buffer.k.dim() == 4 else -1
+    for name, x, shape, layout in (("k", buffer.k, (B, L, Hk, d), f"[B, {length}, Hk, d]"),
+                                   ("v", buffer.v, (B, L, Hk, e), f"[B, {length}, Hk, e]"),
+                                   ("log_gate", buffer.log_gate, (B, L, Hk),
+                                    f"[B, {length}, Hk]")):
+        _tensor(f"buffer.{name}", x, len(shape))
+        _shape(f"buffer.{name}", x, shape, layout)
+        _same_device(f"buffer.{name}", x, q)
+    if not buffer.log_gate.is_floating_point():
+        raise TypeError(f"buffer.log_gate must be float32 (float64 for float64 inputs), got "
+                        f"{buffer.log_gate.dtype}")
+    return L

@@ -23,7 +23,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from power_retention.model.cache import PowerRetentionCache
 from power_retention.model.graphs import GraphedDecoder, graphable
+from power_retention.ops import RetentionState, sympow_dim
 
 
 class Backend(Protocol):
@@ -155,6 +157,32 @@ class RetentionBatch:
         return self.cache.layers[0].state.S.shape[0]
 
 
+@dataclass
+class SlotBatch:
+    """The running sequences of a :class:`RetentionBackend` with persistent slots: one cache of
+    ``capacity`` rows whose tensors keep their addresses while sequences come and go, so the
+    CUDA graphs captured over it stay valid. ``slots[i]`` is the row of the ``i``-th running
+    sequence; the other rows are free (zero state and buffer; decoded along, their logits
+    ignored)."""
+
+    cache: Any
+    slots: list[int]
+    decoder: Any = None                   # GraphedDecoder over all rows, built on first step
+
+    @property
+    def rows(self) -> int:
+        return len(self.slots)
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.layers[0].state.S.shape[0]
+
+    def drop_decoder(self) -> None:
+        if self.decoder is not None:
+            self.decoder.release()
+            self.decoder = None
+
+
 class RetentionBackend:
     """A ``PowerRetentionForCausalLM``, every running sequence in one forward per step.
 
@@ -168,9 +196,16 @@ class RetentionBackend:
     gate decays nothing (``exp(0) = 1``), so every row gets the numbers it would get alone, up to
     rounding. Linear layers hold only a state. Softmax and window layers (hybrid models) hold
     keys and values, left-padded to the longest row and masked out through ``attention_mask``.
+
+    With ``persistent_slots`` (the default where CUDA graphs apply: power and linear layers on
+    a GPU) the batch is a :class:`SlotBatch`: a sequence joins by being copied into a free row
+    of a cache that keeps its tensors, and leaves by freeing its row, so the graphs of the step
+    survive both. The rows double when full and halve when a quarter is used; free rows are
+    decoded along (the step's cost is that of ``capacity`` rows).
     """
 
-    def __init__(self, model, name: str = "model", cuda_graphs: bool = True) -> None:
+    def __init__(self, model, name: str = "model", cuda_graphs: bool = True,
+                 persistent_slots: bool | None = None) -> None:
         self.model = model.eval()
         self.name = name
         self.cuda_graphs = cuda_graphs and graphable(model)
@@ -178,6 +213,10 @@ class RetentionBackend:
         self.config = config
         self.kinds = list(config.layer_time_mixing)
         self.has_kv = any(k in ("softmax", "window") for k in self.kinds)
+        if persistent_slots and self.has_kv:
+            raise ValueError("persistent slots need a model of power and linear layers only "
+                             f"(got {self.kinds}): softmax/window caches grow per row")
+        self.persistent = self.cuda_graphs if persistent_slots is None else persistent_slots
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(config.vocab_size)
@@ -210,7 +249,10 @@ class RetentionBackend:
         return out.logits[0, -1].float(), out.past_key_values
 
     @torch.inference_mode()
-    def join(self, batch: RetentionBatch | None, cache: Any) -> RetentionBatch:
+    def join(self, batch: RetentionBatch | SlotBatch | None, cache: Any
+             ) -> RetentionBatch | SlotBatch:
+        if self.persistent:
+            return self._join_slot(batch, cache)
         length = cache.get_seq_length()
         mask = (torch.ones(1, length, dtype=torch.bool, device=self.device) if self.has_kv
                 else None)
@@ -257,9 +299,13 @@ class RetentionBackend:
         into.buffer_len, into.is_initialized = length, True
 
     @torch.inference_mode()
-    def keep(self, batch: RetentionBatch, rows: list[int]) -> RetentionBatch | None:
+    def keep(self, batch: RetentionBatch | SlotBatch, rows: list[int]
+             ) -> RetentionBatch | SlotBatch | None:
         if not rows:
+            batch.drop_decoder()
             return None
+        if isinstance(batch, SlotBatch):
+            return self._keep_slots(batch, rows)
         if rows == list(range(batch.rows)):
             return batch
         batch.drop_decoder()
@@ -288,7 +334,17 @@ class RetentionBackend:
                 layer.cumulative_length = total
 
     @torch.inference_mode()
-    def step(self, batch: RetentionBatch, tokens: list[int], positions: list[int]) -> Tensor:
+    def step(self, batch: RetentionBatch | SlotBatch, tokens: list[int], positions: list[int]
+             ) -> Tensor:
+        if isinstance(batch, SlotBatch):          # every row runs; free ones get token 0
+            every_token, every_position = [0] * batch.capacity, [0] * batch.capacity
+            for slot, token, position in zip(batch.slots, tokens, positions):
+                every_token[slot], every_position[slot] = token, position
+            logits = self._step_rows(batch, every_token, every_position)
+            return logits[torch.tensor(batch.slots, device=logits.device)]
+        return self._step_rows(batch, tokens, positions)
+
+    def _step_rows(self, batch, tokens: list[int], positions: list[int]) -> Tensor:
         if self.cuda_graphs:
             if batch.decoder is None:
                 batch.decoder = GraphedDecoder(self.model, batch.cache)
@@ -305,9 +361,82 @@ class RetentionBackend:
         return out.logits[:, -1].float()
 
     def cache_bytes(self, cache: Any) -> int:
-        if isinstance(cache, RetentionBatch):
+        if isinstance(cache, (RetentionBatch, SlotBatch)):
             cache = cache.cache
         return tensor_bytes(cache)
+
+    # -- persistent slots ------------------------------------------------------------------------
+
+    def _join_slot(self, batch: SlotBatch | None, cache: Any) -> SlotBatch:
+        if batch is None:
+            batch = SlotBatch(self._empty_cache(1), [])
+        if batch.rows == batch.capacity:
+            batch = self._resize(batch, 2 * batch.capacity)
+        slot = min(set(range(batch.capacity)) - set(batch.slots))
+        for into, layer in zip(batch.cache.layers, cache.layers):
+            into.state.S[slot].copy_(layer.state.S[0])
+            into.state.z[slot].copy_(layer.state.z[0])
+            if into.buffer_capacity:
+                self._put_buffer(into, layer, slot)
+        batch.slots.append(slot)
+        return batch
+
+    def _put_buffer(self, into, layer, slot: int) -> None:
+        """Right-align ``layer``'s buffer in row ``slot``; when it is longer than the batch's,
+        every row's buffer moves right first (zeros in front, as in :meth:`_join_buffers`)."""
+        length, n = into.buffer_len, layer.buffer_len
+        tensors = (into.buffer_k, into.buffer_v, into.buffer_log_gate)
+        if n > length:
+            for t in tensors:
+                t[:, n - length:n] = t[:, :length].clone()
+                t[:, :n - length] = 0
+            into.buffer_len = length = n
+        for t, source in zip(tensors, (layer.buffer_k, layer.buffer_v, layer.buffer_log_gate)):
+            t[slot] = 0
+            if n:
+                t[slot, length - n:length] = source[0, :n]
+
+    def _keep_slots(self, batch: SlotBatch, rows: list[int]) -> SlotBatch:
+        kept = [batch.slots[i] for i in rows]
+        for slot in set(batch.slots) - set(kept):            # freed rows start clean
+            for layer in batch.cache.layers:
+                for t in layer.tensors():
+                    t[slot] = 0
+        batch.slots = kept
+        if batch.capacity > 1 and 4 * batch.rows <= batch.capacity:
+            batch = self._resize(batch, batch.capacity // 2)
+        return batch
+
+    def _resize(self, batch: SlotBatch, capacity: int) -> SlotBatch:
+        """A new cache of ``capacity`` rows holding the running sequences in rows 0, 1, ..; the
+        graphs of the old one are dropped (the new rows get their own)."""
+        batch.drop_decoder()
+        cache = self._empty_cache(capacity)
+        index = torch.tensor(batch.slots, device=self.device)
+        rows = torch.arange(batch.rows, device=self.device)
+        for into, layer in zip(cache.layers, batch.cache.layers):
+            for new, old in zip(into.tensors(), layer.tensors()):
+                new[rows] = old[index]
+            into.buffer_len = layer.buffer_len
+        return SlotBatch(cache, list(range(batch.rows)))
+
+    def _empty_cache(self, rows: int) -> PowerRetentionCache:
+        """A cache of ``rows`` sequences with zero states and empty buffers, every tensor
+        allocated (its addresses are what the graphs hold)."""
+        config, device = self.config, self.device
+        heads, d = config.num_key_value_heads, config.head_dim
+        state_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        cache = PowerRetentionCache(config)
+        for kind, layer in zip(self.kinds, cache.layers):
+            width = sympow_dim(d, config.deg) if kind == "power" else d     # linear: phi = x
+            layer.state = RetentionState(
+                torch.zeros(rows, heads, width, d, dtype=state_dtype, device=device),
+                torch.zeros(rows, heads, width, dtype=state_dtype, device=device))
+            layer.device = device
+            if layer.buffer_capacity:
+                keys = torch.zeros(rows, 1, heads, d, dtype=self.dtype, device=device)
+                layer.lazy_initialization(keys, keys)
+        return cache
 
 
 def _pad_left(t: Tensor, length: int, dim: int = -2) -> Tensor:

@@ -257,26 +257,37 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scal
             None if S0 is None else dS0, None if z0 is None else dz0)
 
 
-def decode_output(q, k, v, log_gate, S, z, scale: float) -> torch.Tensor:
-    """Output of one new token per sequence: ``q [B,1,Hq,d]`` against the state ``S, z`` and
-    the ``L`` buffered tokens ``k [B,L,Hk,d], v [B,L,Hk,e], log_gate [B,L,Hk]`` (the new token
-    last). Returns ``o [B,1,Hq,e]``."""
+def decode_into(q, k, v, log_gate, S, z, buffer_k, buffer_v, buffer_log_gate, held: int,
+                scale: float) -> torch.Tensor:
+    """Output ``o [B, 1, Hq, e]`` of one new token per sequence (``q [B, 1, Hq, d]``, ``k``,
+    ``v``, ``log_gate [B, 1, Hk]``) against the state ``S, z`` and the ``held`` tokens of a
+    preallocated buffer (``buffer_k [B, capacity, Hk, d]``, ``buffer_v``, ``buffer_log_gate``,
+    contiguous); the new token is written into slot ``held``."""
     B, _, Hq, d = q.shape
-    L, Hk, e = k.shape[1], k.shape[2], v.shape[3]
+    cap, Hk, e = buffer_k.shape[1], k.shape[2], v.shape[3]
     # decoding reads the exact layout, so its tiles are free: 16 x 16 ones (8 x 8 for e > 64,
-    # whose fp32 state tiles would crowd the registers) make fewer, fuller programs and partials
+    # whose fp32 state tiles would crowd the registers)
     bd = 16 if e <= 64 else 8
     NB, D, EP = d // bd, d * (d + 1) // 2, _pow2(e)
     NT = NB * (NB + 1) // 2
-    part = _empty(B, Hq, NT, EP + 1, dtype=torch.float32, device=q.device)
-    kernels.decode_kernel[(B * Hq, NT)](
-        q.contiguous(), k.contiguous(), v.contiguous(), log_gate, S.contiguous(), z.contiguous(),
-        part, scale, Hq, Hk, d, e, D, L, LP=_pow2(L), BD=bd, NB=NB, EP=EP,
-        USE_GATE=log_gate is not None)
-    total = part.sum(2)
-    den = total[..., EP]
-    o = total[..., :e] / torch.where(den == 0, 1, den).unsqueeze(-1)
-    return o.unsqueeze(1).to(q.dtype)
+    # One program per state tile while that makes at most 16 programs per multiprocessor, a
+    # second launch adding their partial sums; beyond, one program per sequence and KV head
+    # streams its tiles and writes o itself. On the H200 (docs/serving.md) tiles won at 16 x 8
+    # KV heads (52 against 58 us per layer) and streaming at 64 x 16 (329 against 371 us).
+    # The interpreter counts one multiprocessor, so its small tests take both ways.
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    split = NT if B * Hk * NT <= 16 * sms else 1
+    o = q.new_empty(B, 1, Hq, e)
+    out = o if split == 1 else _empty(B, Hq, split, EP + 1, dtype=torch.float32,
+                                      device=q.device)
+    kernels.decode_kernel[(B * Hk, split)](
+        q.contiguous(), k.contiguous(), v.contiguous(), log_gate.contiguous(), buffer_k,
+        buffer_v, buffer_log_gate, S.contiguous(), z.contiguous(), out, scale, held, Hk, d, e,
+        D, cap, G=Hq // Hk, GP=_pow2(Hq // Hk), LP=_pow2(cap), BD=bd, NB=NB, EP=EP, SPLIT=split,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8)  # fp32: 4 spill
+    if split > 1:
+        kernels.decode_finish_kernel[(B * Hq,)](out, o, e, NT=split, NTP=_pow2(split), EP=EP)
+    return o
 
 
 # ---- chunk-size choice: timed once per shape bucket and GPU, cached in a JSON file ----

@@ -558,55 +558,98 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, 
 
 
 @triton.jit
-def decode_kernel(q, k, v, g, S, z, part, scale, Hq, Hk, d, e, D, L,
-                  LP: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, EP: tl.constexpr,
-                  USE_GATE: tl.constexpr):
-    """One new query per sequence (the last of ``L`` buffered tokens, itself included) against
-    one state tile; writes the partial numerator and denominator ``part [B, Hq, NT, EP + 1]``.
-    Tile 0 also adds attention over the buffer. ``k, v, g`` are ``[B, L, Hk, x]``."""
-    i_bh, tile = tl.program_id(0), tl.program_id(1)
-    a, b = _tile_ab(tile, NB)
-    i_b, i_hq = i_bh // Hq, i_bh % Hq
-    i_h = i_hq // (Hq // Hk)
+def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, scale, held, Hk, d, e, D, cap,
+                  G: tl.constexpr, GP: tl.constexpr, LP: tl.constexpr, BD: tl.constexpr,
+                  NB: tl.constexpr, EP: tl.constexpr, SPLIT: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One new token per sequence for the ``G`` query heads of one KV head, as the rows of
+    matrix products: program ``(b * Hk + h, split)`` streams the state tiles ``split,
+    split + SPLIT, ..`` (each read once for all ``G`` heads, the next loading while this one
+    multiplies). With ``SPLIT == 1`` it writes ``o [B, Hq, e]`` (out's dtype), else partial
+    numerators and denominators ``out [B, Hq, SPLIT, EP + 1]`` for ``decode_finish_kernel``.
+    Split 0 also attends to the ``held`` buffered tokens (``bk [B, cap, Hk, d]``, ``bv``,
+    ``bg``) and the new one (``k [B, Hk, d]``, ``v``, ``g [B, Hk]``), and writes the new token
+    into slot ``held``."""
+    i_bh, split = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // Hk).to(tl.int64), i_bh % Hk
     NT: tl.constexpr = NB * (NB + 1) // 2
     F: tl.constexpr = BD * BD
     DK: tl.constexpr = NB * BD
-    i_b = i_b.to(tl.int64)
     re = tl.arange(0, EP)
     me = re < e
     rl = tl.arange(0, LP)
-    ml = rl < L
-    if USE_GATE:
-        gam = tl.load(g + (i_b * L + rl) * Hk + i_h, mask=ml, other=0.0)
-        g_total = tl.sum(gam, axis=0)
-        gc = tl.cumsum(gam, axis=0)
-    else:
-        gc = tl.zeros([LP], tl.float32)
-        g_total = tl.sum(gc, axis=0)
-    qrow = q + (i_b * Hq + i_hq) * d
+    rd = tl.arange(0, DK)
+    rj = tl.arange(0, GP)
+    mj = rj < G
     f = tl.arange(0, F)
-    qa = tl.load(qrow + a * BD + f // BD).to(tl.float32)
-    qb = tl.load(qrow + b * BD + f % BD).to(tl.float32)
-    phi = qa * qb * _pair_coef(a, b, BD) * (scale * scale)
-    row, exists = _public_rows(a, b, d, BD)
-    pub = (i_b * Hk + i_h).to(tl.int64)
-    St = tl.load(S + pub * D * e + row[:, None] * e + re[None, :],
-                 mask=exists[:, None] & me[None, :], other=0.0)
-    zt = tl.load(z + pub * D + row, mask=exists, other=0.0)
-    from_start = tl.exp(g_total)
-    num = tl.sum(phi[:, None] * St, axis=0) * from_start                # [EP]
-    den = tl.sum(phi * zt, axis=0) * from_start
-    if tile == 0:
-        rd = tl.arange(0, DK)
-        qq = tl.load(qrow + rd).to(tl.float32) * scale
-        kk = tl.load(k + ((i_b * L + rl[:, None]) * Hk + i_h) * d + rd[None, :],
-                     mask=ml[:, None], other=0.0).to(tl.float32)
-        vv = tl.load(v + ((i_b * L + rl[:, None]) * Hk + i_h) * e + re[None, :],
-                     mask=ml[:, None] & me[None, :], other=0.0).to(tl.float32)
-        s = tl.sum(kk * qq[None, :], axis=1)                           # [LP]
-        w = tl.where(ml, s * s * tl.exp(g_total - gc), 0.0)
-        num += tl.sum(w[:, None] * vv, axis=0)
-        den += tl.sum(w, axis=0)
-    out = part + ((i_b * Hq + i_hq) * NT + tile) * (EP + 1)
-    tl.store(out + re, num)
-    tl.store(out + EP, den)
+    g_new = tl.load(g + i_bh)
+    g_old = tl.load(bg + (i_b * cap + rl) * Hk + i_h, mask=rl < held, other=0.0)
+    g_total = tl.sum(g_old, axis=0) + g_new                 # log decay since the state's fold
+    qrows = q + ((i_b * Hk + i_h) * G + rj) * d                          # [GP] row starts
+    pub = i_b * Hk + i_h
+
+    # the buffer, split 0 only (elsewhere every load is masked off and the products add
+    # zeros): rows < held from the slots, row held the new token, which is also written there
+    first = split == 0
+    kn = tl.load(k + i_bh * d + rd, mask=(rd < DK) & first, other=0.0)
+    vn = tl.load(v + i_bh * e + re, mask=me & first, other=0.0)
+    slot = (i_b * cap + held) * Hk + i_h
+    tl.store(bk + slot * d + rd, kn.to(bk.dtype.element_ty), mask=(rd < DK) & first)
+    tl.store(bv + slot * e + re, vn.to(bv.dtype.element_ty), mask=me & first)
+    tl.store(bg + slot + rl, g_new + tl.zeros([LP], tl.float32), mask=(rl == 0) & first)
+    old = (rl < held) & first
+    is_new = (rl == held) & first
+    kk = tl.load(bk + ((i_b * cap + rl[:, None]) * Hk + i_h) * d + rd[None, :],
+                 mask=old[:, None], other=0.0)
+    kk = tl.where(is_new[:, None], kn[None, :].to(kk.dtype), kk)         # [LP, DK]
+    vv = tl.load(bv + ((i_b * cap + rl[:, None]) * Hk + i_h) * e + re[None, :],
+                 mask=old[:, None] & me[None, :], other=0.0)
+    vv = tl.where(is_new[:, None], vn[None, :].to(vv.dtype), vv)         # [LP, EP]
+    decay = tl.where(old, tl.exp(g_total - tl.cumsum(g_old, axis=0)), tl.where(is_new, 1.0, 0.0))
+    qq = tl.load(qrows[:, None] + rd[None, :], mask=mj[:, None], other=0.0).to(tl.float32)
+    s = tl.dot(qq * scale, tl.trans(kk.to(tl.float32)), input_precision=PRECISION)  # [GP, LP]
+    w = s * s * decay[None, :]
+    num = tl.dot(w, vv.to(tl.float32), input_precision=PRECISION)        # [GP, EP]
+    den = tl.sum(w, axis=1)                                              # [GP]
+
+    # the state tiles: phi(q) rows [GP, F] against S [F, e] and z [F]
+    from_start = (scale * scale) * tl.exp(g_total)
+    for i in tl.range(0, (NT + SPLIT - 1) // SPLIT, num_stages=2):
+        tile = split + i * SPLIT
+        a, b = _tile_ab(tile, NB)
+        row, exists = _public_rows(a, b, d, BD)
+        exists = exists & (tile < NT)
+        St = tl.load(S + pub * D * e + row[:, None] * e + re[None, :],
+                     mask=exists[:, None] & me[None, :], other=0.0)
+        zt = tl.load(z + pub * D + row, mask=exists, other=0.0)
+        mq = mj[:, None] & (tile < NT)
+        qa = tl.load(qrows[:, None] + a * BD + f[None, :] // BD, mask=mq, other=0.0)
+        qb = tl.load(qrows[:, None] + b * BD + f[None, :] % BD, mask=mq, other=0.0)
+        phi = qa.to(tl.float32) * qb.to(tl.float32) * (_pair_coef(a, b, BD) * from_start)[None, :]
+        num += tl.dot(phi, St, input_precision=PRECISION)
+        den += tl.sum(phi * zt[None, :], axis=1)
+
+    heads = (i_b * Hk + i_h) * G + rj                                    # [GP] query heads
+    if SPLIT == 1:
+        den = tl.where(den == 0, 1.0, den)
+        tl.store(out + heads[:, None] * e + re[None, :],
+                 (num / den[:, None]).to(out.dtype.element_ty), mask=mj[:, None] & me[None, :])
+    else:
+        part = out + (heads * SPLIT + split) * (EP + 1)
+        tl.store(part[:, None] + re[None, :], num, mask=mj[:, None])
+        tl.store(part + EP, den, mask=mj)
+
+
+@triton.jit
+def decode_finish_kernel(part, o, e, NT: tl.constexpr, NTP: tl.constexpr, EP: tl.constexpr):
+    """``o [B * Hq, e]`` (its dtype) from the partial sums ``part [B * Hq, NT, EP + 1]`` of
+    ``decode_kernel``'s ``NT`` splits."""
+    i = tl.program_id(0).to(tl.int64)
+    rt = tl.arange(0, NTP)
+    re = tl.arange(0, EP)
+    mt = rt < NT
+    base = part + (i * NT + rt) * (EP + 1)
+    num = tl.sum(tl.load(base[:, None] + re[None, :], mask=mt[:, None], other=0.0), axis=0)
+    den = tl.sum(tl.load(base + EP, mask=mt, other=0.0), axis=0)
+    den = tl.where(den == 0, 1.0, den)
+    tl.store(o + i * e + re, (num / den).to(o.dtype.element_ty), mask=re < e)
