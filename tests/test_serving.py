@@ -435,3 +435,8 @@ def test_serve_without_a_model_says_what_to_pass(capsys):
 
     assert main(["serve", "--port", "1"]) == 2
     assert "no model given: pass --model FOLDER" in capsys.readouterr().err
+
+
+def test_persistent_slots_need_a_recurrent_model():
+    with pytest.raises(ValueError, match="persistent slots need a model of power and linear"):
+        RetentionBackend(tiny_model(kinds=["power", "softmax"]), MODEL, persistent_slots=True)
