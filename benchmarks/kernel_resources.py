@@ -34,9 +34,10 @@ from power_retention.ops.triton import host, kernels  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-INTS = {"Hk", "Hq", "d", "e", "D", "SEQS", "L", "T", "held", "cap"}
+INTS = {"Hk", "Hq", "Hx", "d", "e", "D", "SEQS", "L", "T", "held", "cap"}
 INDEX = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_indices": "*i32"}
-INPUTS = {"q", "k", "v", "o", "do", "dq", "dk", "dv", "bk", "bv"}
+INPUTS = {"q", "k", "v", "x", "o", "do", "dq", "dk", "dv", "bk", "bv", "q_out", "k_out", "cos",
+          "sin"}
 
 
 def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
@@ -49,13 +50,13 @@ def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name in INTS:
             sig[name] = "i32"
-        elif name == "scale":
+        elif name in ("scale", "coef_scale"):
             sig[name] = "fp32"
         elif name in INDEX:
             sig[name] = INDEX[name]
         elif name in INPUTS:
             sig[name] = "*" + TRITON_TYPES[dtype]
-        elif name in ("states", "dstates", "dy"):
+        elif name in ("states", "dstates", "dy") or (name == "y" and constexprs.get("REVERSE")):
             sig[name] = "*" + states
         else:
             sig[name] = "*fp32"
@@ -82,23 +83,26 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
     tiling = {"BD": host.BD, "KP": host.KP, "NB": d // host.BD}
     EP = max(16, triton.next_power_of_2(e))
     for C in chunks:
-        for BE in blocks:
-            yield kernels.state_fwd_kernel, dict(C=C, BE=BE, HAS_INIT=True, LOOP_FOR=True,
-                                                 **tiling, **flags)
-            yield kernels.state_bwd_kernel, dict(C=C, BE=BE, GROUPS=1, LOOP_FOR=True,
-                                                 **tiling, **flags)
+        # the scans forward (keys, values, an initial state) and reverse (queries, dy, dy_z)
+        directions = [dict(REVERSE=False, HAS_INIT=True, HAS_Y1=False, y1=None),
+                      dict(REVERSE=True, HAS_INIT=True, HAS_Y1=True)]
+        for way in directions:
+            for BE in blocks:
+                yield kernels.scan_kernel, dict(C=C, BE=BE, GROUPS=1, LOOP_FOR=True, **way,
+                                                **tiling, **flags)
         yield kernels.output_fwd_kernel, dict(C=C, EP=EP, **tiling, **flags)
         yield kernels.dq_kernel, dict(C=C, EP=EP, **tiling, **flags)
         yield kernels.dkv_kernel, dict(C=C, EP=EP, GROUPS=1, **tiling, **flags)
     yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP)
-    bd = 16 if e <= 64 else 8                                # as host.decode_into picks
-    NT = (d // bd) * (d // bd + 1) // 2
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    for split in (1, NT):
-        yield kernels.decode_kernel, dict(G=4, GP=16, LP=64, BD=bd, NB=d // bd, EP=EP,
-                                          SPLIT=split, PRECISION=precision)
+    for bd in (16, 8) if e <= 64 else (8,):                  # as host.decode_into picks
+        NT = (d // bd) * (d // bd + 1) // 2
+        for split in (1, NT):
+            yield kernels.decode_kernel, dict(G=4, GP=16, LP=64, BD=bd, NB=d // bd, EP=EP,
+                                              SPLIT=split, PRECISION=precision)
     yield kernels.decode_finish_kernel, dict(NT=NT, NTP=max(16, triton.next_power_of_2(NT)),
                                              EP=EP)
+    yield kernels.rope_kernel, dict(HALF=d // 2, HQP=32, HKP=8)
 
 
 def main() -> None:
@@ -107,7 +111,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=64, help="head size of queries and keys")
     parser.add_argument("--e", type=int, default=64, help="head size of values")
     parser.add_argument("--chunks", type=int, nargs="+", default=list(host.CHUNK_CANDIDATES))
-    parser.add_argument("--blocks", type=int, nargs="+", default=[16, 64],
+    parser.add_argument("--blocks", type=int, nargs="+", default=[64],
                         help="value columns per program of the scans (BE)")
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, default=2)

@@ -194,18 +194,51 @@ def case_decode_ungated_with_buffer():
     return {"o": rel_err(o, ro[:, 5:])}
 
 
-def case_decode_into_gqa():
-    """Decoding into preallocated slots (the model's cache): the kernel writes each token into
-    its slot and reads the buffer there; folds every ``capacity`` tokens."""
+def _decode_into(B, T, Hq, Hk, d, e, dtype, capacity, seed) -> dict[str, float]:
+    """Token-by-token decoding into preallocated slots against the float64 reference."""
     _host()
-    q, k, v, g = make_inputs(3, 19, 6, 2, 32, 12, dtype=torch.float16, seed=8)
-    st = make_state(3, 2, 32, 12, seed=9)
+    q, k, v, g = make_inputs(B, T, Hq, Hk, d, e, dtype=dtype, seed=seed)
+    st = make_state(B, Hk, d, e, seed=seed + 1)
     state = RetentionState(st.S.float(), st.z.float())
-    o, _, slots, held = decode_with_slots(q, k, v, g, state, capacity=8)
+    o, _, slots, held = decode_with_slots(q, k, v, g, state, capacity=capacity)
     ro, _ = attention_reference(q.double(), k.double(), v.double(), g.double(),
                                 initial_state=RetentionState(st.S, st.z))
     return {"o": rel_err(o, ro), "slots_differ": float(not torch.equal(slots.k[:, :held],
                                                                        k[:, -held:]))}
+
+
+def case_decode_into_gqa():
+    """Decoding into preallocated slots (the model's cache): the kernel writes each token into
+    its slot and reads the buffer there; folds every ``capacity`` tokens."""
+    return _decode_into(3, 19, 6, 2, 32, 12, torch.float16, capacity=8, seed=8)
+
+
+def case_decode_into_wide_values():
+    """e > 64: 8 x 8 tiles, four programs per sequence x KV head, each streaming every fourth
+    of the 10 tiles (the last ones masked)."""
+    return _decode_into(1, 11, 2, 1, 32, 72, torch.float32, capacity=4, seed=10)
+
+
+def case_rope_fused():
+    """``apply_rope_qk`` without autograd: the one-launch kernel (GQA 6/2 heads, d = 32,
+    fp32 and fp16) against ``apply_rope``; with autograd it takes ``apply_rope`` itself."""
+    _host()
+    from power_retention.model.rope import apply_rope, apply_rope_qk
+    gen = torch.Generator().manual_seed(11)
+    errors = {}
+    for dtype, tag in [(torch.float32, ""), (torch.float16, "_fp16")]:
+        q, k = (torch.randn(2, 5, h, 32, generator=gen).to(dtype) for h in (6, 2))
+        angles = torch.randn(2, 5, 16, generator=gen).repeat(1, 1, 2)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        with torch.no_grad():
+            rq, rk = apply_rope_qk(q, k, cos, sin)
+        eq, ek = (apply_rope(x.double(), cos.double(), sin.double()) for x in (q, k))
+        errors["q" + tag], errors["k" + tag] = rel_err(rq, eq), rel_err(rk, ek)
+        errors["dtype_kept" + tag] = float(rq.dtype != dtype or rk.dtype != dtype)
+    q.requires_grad_()
+    rq, _ = apply_rope_qk(q, k, cos, sin)
+    errors["autograd_takes_pytorch"] = float(rq.grad_fn is None)
+    return errors
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "decode": torch.float32,
     "decode_ungated_with_buffer": torch.float32,
     "decode_into_gqa": torch.float16,
+    "decode_into_wide_values": torch.float32,
+    "rope_fused": torch.float16,
 }
 
 gpu = pytest.mark.gpu
@@ -79,13 +81,13 @@ def test_kernels_compile_for_hopper(dtype):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(HERE.parent / "benchmarks" / "kernel_resources.py"), "--dtype", dtype,
-         "--chunks", "64", "--blocks", "16", "--warps", "8"],
+         "--chunks", "64", "--blocks", "64", "--warps", "8"],
         env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
     assert {row[0] for row in rows} == {
-        "state_fwd_kernel", "state_bwd_kernel", "output_fwd_kernel", "dq_kernel", "dkv_kernel",
-        "prepare_bwd_kernel", "decode_kernel", "decode_finish_kernel"}
+        "scan_kernel", "output_fwd_kernel", "dq_kernel", "dkv_kernel",
+        "prepare_bwd_kernel", "decode_kernel", "decode_finish_kernel", "rope_kernel"}
     assert all(1 <= int(row[4]) <= 255 for row in rows), result.stdout
 
 
@@ -105,6 +107,20 @@ def test_dispatch_rule_and_env_var_forcing_the_pytorch_path(monkeypatch):
     wide = torch.zeros(1, 1, 1, 128)
     assert host.supported(wide, wide, 2)                     # fp32 at d = 128 passed on the GPU
     assert not host.supported(wide.bfloat16(), wide.bfloat16(), 2)     # bf16 there did not
+
+
+@pytest.mark.parametrize("B, T, C", [(3, 130, 64), (2, 64, 64), (4, 0, 16), (1, 5, 128)])
+def test_equal_lengths_laid_out_from_the_shape_as_packed(B, T, C):
+    """A batch's layout, built from its shape without reading the GPU, equals that of the
+    same sequences packed with ``cu_seqlens``."""
+    pytest.importorskip("triton")
+    from power_retention.ops.triton import host
+    cpu = torch.device("cpu")
+    batch = host._Layout(B, T, None, C, cpu)
+    packed = host._Layout(1, B * T, torch.arange(B + 1) * T, C, cpu)
+    assert (batch.N, batch.n_chunks) == (packed.N, packed.n_chunks)
+    for name in ("cu", "chunk_offsets", "chunk_indices"):
+        assert torch.equal(getattr(batch, name), getattr(packed, name)), name
 
 
 def test_chunk_size_capped_for_fp32_state_tiles():
@@ -312,3 +328,20 @@ def test_gpu_decode_into_slots_matches_reference():
 @needs_cuda
 def test_torch_compile_fullgraph_gpu():
     _check_compiled("cuda", torch.bfloat16, 2e-2)
+
+
+@gpu
+@needs_cuda
+def test_gpu_rope_kernel_matches_pytorch():
+    """The one-launch RoPE of generation (bf16, 32 query / 8 KV heads, d = 64) against the
+    PyTorch rotation in float64."""
+    from power_retention.model.rope import apply_rope, apply_rope_qk
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    q, k = (torch.randn(16, 3, h, 64, device="cuda", generator=gen).bfloat16() for h in (32, 8))
+    angles = torch.rand(16, 3, 32, device="cuda", generator=gen).mul(1e4).repeat(1, 1, 2)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    with torch.no_grad():
+        rq, rk = apply_rope_qk(q, k, cos, sin)
+    for got, x in ((rq, q), (rk, k)):
+        ref = apply_rope(x.double(), cos.double(), sin.double())
+        assert got.dtype == torch.bfloat16 and rel_err(got, ref) < 4e-3, rel_err(got, ref)

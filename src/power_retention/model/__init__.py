@@ -18,7 +18,7 @@ from .modeling import (
     PowerRetentionModel,
     PowerRetentionPreTrainedModel,
 )
-from .rope import RotaryEmbedding, apply_rope, rope_frequencies
+from .rope import RotaryEmbedding, apply_rope, apply_rope_qk, rope_frequencies
 
 AutoConfig.register(PowerRetentionConfig.model_type, PowerRetentionConfig, exist_ok=True)
 AutoModel.register(PowerRetentionConfig, PowerRetentionModel, exist_ok=True)
@@ -28,5 +28,5 @@ __all__ = ["GraphedDecoder", "PowerRetentionAttention", "PowerRetentionBlock",
            "PowerRetentionCache",
            "PowerRetentionConfig", "PowerRetentionForCausalLM", "PowerRetentionModel",
            "PowerRetentionPreTrainedModel", "RecurrentCacheLayer", "RotaryEmbedding",
-           "apply_rope", "feature_map", "graphable", "linear_attention",
+           "apply_rope", "apply_rope_qk", "feature_map", "graphable", "linear_attention",
            "rope_frequencies"]

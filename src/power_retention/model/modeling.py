@@ -33,7 +33,7 @@ from power_retention.ops import (
 from .cache import PowerRetentionCache, RecurrentCacheLayer
 from .configuration import PowerRetentionConfig
 from .linear_attention import feature_map, linear_attention
-from .rope import RotaryEmbedding, apply_rope
+from .rope import RotaryEmbedding, apply_rope_qk
 
 # ---------------------------------------------------------------------------------------------
 # Norms and MLP
@@ -140,7 +140,7 @@ class PowerRetentionAttention(nn.Module):
         v = self.v_proj(hidden_states).view(B, n, self.num_kv_heads, self.head_dim)
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *position_embeddings), apply_rope(k, *position_embeddings)
+        q, k = apply_rope_qk(q, k, *position_embeddings)
         layer = None if past_key_values is None else past_key_values.layers[self.layer_idx]
         if self.time_mixing in ("power", "linear"):
             o = self._recurrent(hidden_states, q, k, v, attention_mask, layer)

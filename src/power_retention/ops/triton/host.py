@@ -44,50 +44,35 @@ def supported(q: torch.Tensor, v: torch.Tensor, deg: int) -> bool:
 
 class _Launcher:
     """A kernel behind ``triton.autotune`` for bf16 inputs (the fast path the benchmarks time)
-    over warps and, for the scans across chunks, the width ``BE`` of the value columns each
-    program carries: narrower blocks give a batch-1 scan more programs to hide its per-chunk
-    latency, wider ones form each ``phi`` tile fewer times. fp16/fp32 inputs, whose fp32 state
-    tiles need more shared memory, and the interpreter take the fixed configuration the call
-    passes, which also bounds compile time. ``grid`` may be a function of the meta-parameters.
+    over warps and pipeline stages. fp16/fp32 inputs, whose fp32 state tiles need more shared
+    memory, and the interpreter take one fixed configuration, which also bounds compile time.
     (Capping 8 warps at 128 registers, so two programs share a multiprocessor, was tried on the
     H200 and changed no kernel's time: docs/benchmarks.md, run 7.)"""
 
-    def __init__(self, fn, key, e_blocks=()):
+    def __init__(self, fn, key, stages=(2,)):
         self.fn = fn
-        self.tuned_names = ("BE",) if e_blocks else ()
-        # the scans (e_blocks given) also try a third stage: a deeper prefetch of the next
-        # chunks' keys and values for their chain of dependent steps
-        configs = [triton.Config({"BE": be} if be else {}, num_warps=w, num_stages=st)
-                   for be in (e_blocks or (None,)) for w in (4, 8)
-                   for st in ((2, 3) if e_blocks else (2,))]
+        configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in stages]
         self.tuned = None if INTERPRET else triton.autotune(configs, key=key)(fn)
 
     def __getitem__(self, grid):
         def launch(*args, BF16, **kwargs):
             if self.tuned is not None and BF16:
-                tuned = {k: v for k, v in kwargs.items() if k not in self.tuned_names}
-                return self.tuned[grid](*args, BF16=BF16, **tuned)
+                return self.tuned[grid](*args, BF16=BF16, **kwargs)
             extra = {} if INTERPRET else {"num_warps": 8, "num_stages": 1}
             return self.fn[grid](*args, BF16=BF16, **kwargs, **extra)
         return launch
 
 
-# "SEQS" (sequences x KV heads, bucketed) separates batch-1 scans from wide batches
-_STATE_KEYS = ["C", "BD", "NB", "e", "SEQS", "USE_GATE", "BF16"]
+_SCAN_KEYS = ["C", "BD", "NB", "e", "SEQS", "GROUPS", "REVERSE", "USE_GATE", "BF16"]
 _CHUNK_KEYS = ["C", "BD", "NB", "EP", "USE_GATE", "BF16"]
-state_fwd = _Launcher(kernels.state_fwd_kernel, _STATE_KEYS, e_blocks=(16, 32, 64))
+# the scans also try a third stage: a deeper prefetch of the next chunks' keys and values for
+# their chain of dependent steps. Each program carries 64 value columns: narrower blocks (16,
+# 32: more programs for a batch-1 scan, each phi tile formed more often) were tuned against it
+# up to run 20 and lost at every shape of runs 21-22
+scan = _Launcher(kernels.scan_kernel, _SCAN_KEYS, stages=(2, 3))
 output_fwd = _Launcher(kernels.output_fwd_kernel, _CHUNK_KEYS)
-state_bwd = _Launcher(kernels.state_bwd_kernel, _STATE_KEYS, e_blocks=(16, 32, 64))
 dq_bwd = _Launcher(kernels.dq_kernel, _CHUNK_KEYS)
 dkv_bwd = _Launcher(kernels.dkv_kernel, _CHUNK_KEYS)
-
-
-def _scan_grid(NB: int, e: int, lay: _Layout, Hk: int):
-    """A scan's grid (tiles, value blocks, sequences x KV heads) as a function of ``BE``, and
-    its tuning bucket ``SEQS``: sequences x KV heads rounded up to a power of two <= 256."""
-    def grid(meta):
-        return NB * (NB + 1) // 2, triton.cdiv(e, meta["BE"]), lay.N * Hk
-    return grid, min(256, triton.next_power_of_2(lay.N * Hk))
 
 
 def _pow2(x: int) -> int:
@@ -103,26 +88,33 @@ def _flags(dtype: torch.dtype) -> dict:
 
 class _Layout:
     """Sequence and chunk bookkeeping of one call: ``cu [N+1]``, ``chunk_offsets [N+1]`` (first
-    chunk of each sequence) and ``chunk_indices [chunks, 2]`` (sequence, chunk within it)."""
+    chunk of each sequence) and ``chunk_indices [chunks, 2]`` (sequence, chunk within it).
+
+    A batch of equal-length sequences is laid out from its shape alone; packed sequences need
+    their chunk count read back from the GPU. That read waits for the GPU to finish its queue,
+    so the host's launches stop overlapping the kernels before them: the common case avoids it.
+    """
 
     def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, C: int,
                  device: torch.device):
+        def arange(n):
+            return torch.arange(n, dtype=torch.int64, device=device)
         if cu_seqlens is None:
-            cu = torch.arange(B + 1, dtype=torch.int64, device=device) * T
+            per = -(-T // C)                              # chunks per sequence
+            self.N, self.n_chunks = B, B * per
+            self.cu = arange(B + 1) * T
+            self.chunk_offsets = arange(B + 1) * per
+            chunk = arange(self.n_chunks)
+            seq, within = chunk // max(per, 1), chunk % max(per, 1)
         else:
             cu = cu_seqlens.to(device=device, dtype=torch.int64)
-        lengths = cu[1:] - cu[:-1]
-        per_seq = (lengths + C - 1) // C
-        offsets = torch.zeros_like(cu)
-        offsets[1:] = per_seq.cumsum(0)
-        self.n_chunks = int(offsets[-1])
-        self.N = cu.numel() - 1
-        seq = torch.repeat_interleave(torch.arange(self.N, device=device), per_seq,
-                                      output_size=self.n_chunks)
-        within = torch.arange(self.n_chunks, device=device) - offsets[seq]
-        self.cu = cu
-        self.lengths = lengths
-        self.chunk_offsets = offsets
+            per_seq = (cu[1:] - cu[:-1] + C - 1) // C
+            offsets = torch.zeros_like(cu)
+            offsets[1:] = per_seq.cumsum(0)
+            self.N, self.n_chunks = cu.numel() - 1, int(offsets[-1])
+            self.cu, self.chunk_offsets = cu, offsets
+            seq = torch.repeat_interleave(arange(self.N), per_seq, output_size=self.n_chunks)
+            within = arange(self.n_chunks) - offsets[seq]
         self.chunk_indices = torch.stack([seq, within], 1).to(torch.int32).contiguous()
 
 
@@ -130,26 +122,41 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
-def _states(q, k, v, g, S0, z0, lay: _Layout, C: int):
-    """Run the forward scan: chunk states ``[chunks, Hk, NT, F, e]`` and the final state."""
-    Hk, d, e = k.shape[1], k.shape[2], v.shape[2]
+def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, reverse: bool,
+          coef_scale: float = 1.0, groups: int = 1, st_dtype: torch.dtype):
+    """One scan across the chunks: forward (``x, y = k, v``; the chunk states and the final
+    state) or reverse (``x, y, y1 = q, dy, dy_z``; the gradients of the state at every chunk's
+    end and of the initial state). Returns ``states [chunks, Hk, NT, F, e]``, ``zstates`` and
+    ``S_out [N, Hk, D, e]``, ``z_out``."""
+    Hx, d, e = x.shape[1], x.shape[2], y.shape[2]
+    Hk = Hx // groups
     NB, D = d // BD, d * (d + 1) // 2
     NT, F = NB * (NB + 1) // 2, BD * BD
+    states = _empty(lay.n_chunks, Hk, NT, F, e, dtype=st_dtype, device=x.device)
+    zstates = _empty(lay.n_chunks, Hk, NT, F, dtype=torch.float32, device=x.device)
+    S_out = _empty(lay.N, Hk, D, e, dtype=torch.float32, device=x.device)
+    z_out = _empty(lay.N, Hk, D, dtype=torch.float32, device=x.device)
+    if not lay.N:
+        return states, zstates, S_out, z_out
+    meta = dict(GROUPS=groups, C=C, BD=BD, KP=KP, NB=NB, REVERSE=reverse,
+                USE_GATE=g is not None, HAS_INIT=S_in is not None, HAS_Y1=y1 is not None,
+                **_flags(x.dtype))
+    # one program per (tile, block of value columns, sequence x KV head); the tuning bucket
+    # SEQS (sequences x KV heads, a power of two <= 256) separates batch-1 scans from batches
     BE = min(64, _pow2(e))
-    # bf16 inputs keep the chunk states in bf16 (the products read them as bf16 anyway);
-    # fp16 ones keep fp32, since fp16 states would overflow over long ungated contexts
+    seqs = min(256, triton.next_power_of_2(lay.N * Hk))
+    scan[(NT, triton.cdiv(e, BE), lay.N * Hk)](
+        x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, lay.cu, lay.chunk_offsets,
+        coef_scale, Hx, Hk, d, e, D, seqs, BE=BE, LOOP_FOR=not INTERPRET, **meta)
+    return states, zstates, S_out, z_out
+
+
+def _states(q, k, v, g, S0, z0, lay: _Layout, C: int):
+    """The forward scan: chunk states ``[chunks, Hk, NT, F, e]`` and the final state. bf16
+    inputs keep the chunk states in bf16 (the products read them as bf16 anyway); fp16 ones
+    keep fp32, since fp16 states would overflow over long ungated contexts."""
     st_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-    states = _empty(lay.n_chunks, Hk, NT, F, e, dtype=st_dtype, device=q.device)
-    zstates = _empty(lay.n_chunks, Hk, NT, F, dtype=torch.float32, device=q.device)
-    S_T = _empty(lay.N, Hk, D, e, dtype=torch.float32, device=q.device)
-    z_T = _empty(lay.N, Hk, D, dtype=torch.float32, device=q.device)
-    if lay.N:
-        grid, seqs = _scan_grid(NB, e, lay, Hk)
-        state_fwd[grid](k, v, g, S0, z0, states, zstates, S_T, z_T, lay.cu, lay.chunk_offsets,
-                        Hk, d, e, D, seqs, C=C, BD=BD, KP=KP, NB=NB, BE=BE,
-                        USE_GATE=g is not None, HAS_INIT=S0 is not None, LOOP_FOR=not INTERPRET,
-                        **_flags(q.dtype))
-    return states, zstates, S_T, z_T
+    return _scan(k, v, None, g, S0, z0, lay, C, reverse=False, st_dtype=st_dtype)
 
 
 def _outputs(q, k, v, g, states, zstates, lay: _Layout, scale: float, C: int):
@@ -205,8 +212,7 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scal
     C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale, for_backward=True)
     B, T, Hq, d = q.shape
     Hk, e = k.shape[2], v.shape[3]
-    NB, D = d // BD, d * (d + 1) // 2
-    BE, EP = min(64, _pow2(e)), _pow2(e)
+    NB, EP = d // BD, _pow2(e)
     lay = _Layout(B, T, cu_seqlens, C, q.device)
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(do)
     gf = None if log_gate is None else _flat(log_gate)
@@ -224,16 +230,10 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scal
         kernels.prepare_bwd_kernel[(triton.cdiv(Ttot, BT), Hq)](
             o, dof, den, dy, dyz, Ttot, Hq, e, BT=BT, EP=EP)
 
-    dstates = _empty(*states.shape, dtype=states.dtype, device=q.device)
-    dzstates = _empty(*zstates.shape, dtype=torch.float32, device=q.device)
-    dS0 = _empty(lay.N, Hk, D, e, dtype=torch.float32, device=q.device)
-    dz0 = _empty(lay.N, Hk, D, dtype=torch.float32, device=q.device)
     dS_T, dz_T = dS_T.contiguous().float(), dz_T.contiguous().float()
-    if lay.N:
-        grid, seqs = _scan_grid(NB, e, lay, Hk)
-        state_bwd[grid](qf, gf, dy, dyz, dS_T, dz_T, dstates, dzstates, dS0, dz0,
-                        lay.cu, lay.chunk_offsets, scale, Hq, Hk, d, e, D, seqs, Hq // Hk, C=C,
-                        BD=BD, NB=NB, BE=BE, LOOP_FOR=not INTERPRET, **flags)
+    dstates, dzstates, dS0, dz0 = _scan(qf, dy, dyz, gf, dS_T, dz_T, lay, C, reverse=True,
+                                        coef_scale=scale * scale, groups=Hq // Hk,
+                                        st_dtype=states.dtype)
 
     dq = _empty(*qf.shape, dtype=q.dtype, device=q.device)
     dk = _empty(*kf.shape, dtype=q.dtype, device=q.device)
@@ -265,18 +265,21 @@ def decode_into(q, k, v, log_gate, S, z, buffer_k, buffer_v, buffer_log_gate, he
     contiguous); the new token is written into slot ``held``."""
     B, _, Hq, d = q.shape
     cap, Hk, e = buffer_k.shape[1], k.shape[2], v.shape[3]
-    # decoding reads the exact layout, so its tiles are free: 16 x 16 ones (8 x 8 for e > 64,
-    # whose fp32 state tiles would crowd the registers)
-    bd = 16 if e <= 64 else 8
-    NB, D, EP = d // bd, d * (d + 1) // 2, _pow2(e)
-    NT = NB * (NB + 1) // 2
-    # One program per state tile while that makes at most 16 programs per multiprocessor, a
-    # second launch adding their partial sums; beyond, one program per sequence and KV head
-    # streams its tiles and writes o itself. On the H200 (docs/serving.md) tiles won at 16 x 8
-    # KV heads (52 against 58 us per layer) and streaming at 64 x 16 (329 against 371 us).
-    # The interpreter counts one multiprocessor, so its small tests take both ways.
+    # Decoding reads the exact layout, so its tiles are free. Few sequences: one program per
+    # 16 x 16 tile, a second launch adding their partial sums. More: 8 x 8 tiles, each program
+    # streaming every split-th of them, about four programs per multiprocessor. On the H200
+    # (graphed per layer, docs/benchmarks.md run 24) that took batch 16 x 8 KV heads from 60.6
+    # to 46.9 us and batch 64 x 16 from 332 to 263 us; batch 1 stays on 16 x 16 tiles (14 us).
+    # e > 64 always takes 8 x 8 tiles, whose fp32 state tiles fit the registers. The
+    # interpreter counts one multiprocessor, so its small tests take every way.
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    split = NT if B * Hk * NT <= 16 * sms else 1
+    tiles16 = (d // 16) * (d // 16 + 1) // 2
+    if e <= 64 and B * Hk * tiles16 <= 4 * sms:
+        bd, split = 16, tiles16
+    else:
+        bd = 8
+        split = max(1, min((d // 8) * (d // 8 + 1) // 2, round(4 * sms / (B * Hk))))
+    NB, D, EP = d // bd, d * (d + 1) // 2, _pow2(e)
     o = q.new_empty(B, 1, Hq, e)
     out = o if split == 1 else _empty(B, Hq, split, EP + 1, dtype=torch.float32,
                                       device=q.device)
@@ -284,10 +287,37 @@ def decode_into(q, k, v, log_gate, S, z, buffer_k, buffer_v, buffer_log_gate, he
         q.contiguous(), k.contiguous(), v.contiguous(), log_gate.contiguous(), buffer_k,
         buffer_v, buffer_log_gate, S.contiguous(), z.contiguous(), out, scale, held, Hk, d, e,
         D, cap, G=Hq // Hk, GP=_pow2(Hq // Hk), LP=_pow2(cap), BD=bd, NB=NB, EP=EP, SPLIT=split,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8)  # fp32: 4 spill
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=8 if q.dtype == torch.float32 else 4)      # fp32 inputs spill with 4 warps
     if split > 1:
         kernels.decode_finish_kernel[(B * Hq,)](out, o, e, NT=split, NTP=_pow2(split), EP=EP)
     return o
+
+
+def rope_supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether ``rope`` takes these inputs: CUDA (or the interpreter), a power-of-two head
+    size from 16 to 256, q and k of one floating dtype, ``cos [B, T, d]``."""
+    if os.environ.get("POWER_RETENTION_IMPL", "").lower() == "torch":
+        return False
+    d = q.shape[-1]
+    return ((q.is_cuda or INTERPRET) and q.dtype == k.dtype
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and d in (16, 32, 64, 128, 256) and k.shape[:2] == q.shape[:2]
+            and k.shape[-1] == d and tuple(cos.shape) == (*q.shape[:2], d))
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding of ``q [B, T, Hq, d]`` and ``k [B, T, Hk, d]`` by ``cos, sin [B, T,
+    d]`` in one launch (``model.rope.apply_rope`` takes eight kernels for the pair): new
+    tensors in the inputs' dtype."""
+    B, T, Hq, d = q.shape
+    q, k = q.contiguous(), k.contiguous()
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    if B * T:
+        kernels.rope_kernel[(B * T,)](q, k, cos.contiguous(), sin.contiguous(), q_out, k_out,
+                                      Hq, k.shape[2], HALF=d // 2, HQP=triton.next_power_of_2(Hq),
+                                      HKP=triton.next_power_of_2(k.shape[2]))
+    return q_out, k_out
 
 
 # ---- chunk-size choice: timed once per shape bucket and GPU, cached in a JSON file ----

@@ -162,43 +162,69 @@ def _dot(x, y, BF16: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _state_fwd_chunk(k, v, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hk, d, e, tile,
-                     a, b, ea_t, eb_t, coef, re, me, rf, C: tl.constexpr, BD: tl.constexpr,
-                     KP: tl.constexpr, NT: tl.constexpr, USE_GATE: tl.constexpr,
-                     BF16: tl.constexpr, PREC: tl.constexpr):
-    """One step of the forward scan: store the state entering chunk ``n``, then add the
-    chunk's contribution ``phi(K)^T (to_end * V)`` to the decayed state."""
+def _chunk_contrib(x, y, y1, g, t, mt, i_h, Hx, Hk, d, e, a, b, ea_t, eb_t, coef, re, me,
+                   GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
+                   BE: tl.constexpr, REVERSE: tl.constexpr, USE_GATE: tl.constexpr,
+                   HAS_Y1: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+    """What chunk ``t`` adds to one tile of the carried state, and the decay across it.
+    Forward (``x, y = k, v``): ``phi(K)^T (to_end * [V, 1])``. Reverse (``x, y, y1 = q, dy,
+    dy_z``): the sum over the ``GROUPS`` query heads of ``phi(Q)^T (from_start * [dY, dy_z])``,
+    the gradient of the state at the chunk's end carried to its start (``coef`` holds
+    ``s^2``). Returns ``dS [F, BE]``, ``dz [F]`` and the chunk's decay."""
+    F: tl.constexpr = BD * BD
+    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+    w = tl.exp(gc) if REVERSE else tl.exp(g_last - gc)
+    dS = tl.zeros([F, BE], tl.float32)
+    dz = tl.zeros([F], tl.float32)
+    for r in range(GROUPS):
+        i_x = i_h * GROUPS + r
+        xa = _load_block_t(x, t, mt, i_x, Hx, d, a, KP, BD)                # [KP, C]
+        xb = _load_block_t(x, t, mt, i_x, Hx, d, b, KP, BD)
+        phi_t = _dot(ea_t, xa, BF16, PREC) * _dot(eb_t, xb, BF16, PREC)      # [F, C]
+        phi_t = phi_t * coef[:, None] * w[None, :]
+        yy = tl.load(y + (t[:, None] * Hx + i_x) * e + re[None, :],
+                     mask=mt[:, None] & me[None, :], other=0.0)
+        dS += _dot(phi_t, yy, BF16, PREC)                                    # [F, C] @ [C, BE]
+        if HAS_Y1:
+            dz += tl.sum(phi_t * tl.load(y1 + t * Hx + i_x, mask=mt, other=0.0)[None, :], axis=1)
+        else:
+            dz += tl.sum(phi_t, axis=1)
+    return dS, dz, tl.exp(g_last)
+
+
+@triton.jit
+def _scan_step(x, y, y1, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hx, Hk, d, e, tile,
+               a, b, ea_t, eb_t, coef, re, me, rf, GROUPS: tl.constexpr, C: tl.constexpr,
+               BD: tl.constexpr, KP: tl.constexpr, NT: tl.constexpr, BE: tl.constexpr,
+               REVERSE: tl.constexpr, USE_GATE: tl.constexpr, HAS_Y1: tl.constexpr,
+               BF16: tl.constexpr, PREC: tl.constexpr):
+    """One step of a sequential scan: store the carried tile into chunk ``n``'s slot, then
+    carry it across the chunk."""
     F: tl.constexpr = BD * BD
     slot = ((chunk0 + n) * Hk + i_h) * NT + tile
     tl.store(states + slot * F * e + rf[:, None] * e + re[None, :],
              S.to(states.dtype.element_ty), mask=me[None, :])
     tl.store(zstates + slot * F + rf, z)
     t = bos + n * C + tl.arange(0, C)
-    mt = t < eos
-    ka = _load_block_t(k, t, mt, i_h, Hk, d, a, KP, BD)               # [KP, C]
-    kb = _load_block_t(k, t, mt, i_h, Hk, d, b, KP, BD)
-    vv = tl.load(v + (t[:, None] * Hk + i_h) * e + re[None, :],
-                 mask=mt[:, None] & me[None, :], other=0.0)
-    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
-    phi_t = _dot(ea_t, ka, BF16, PREC) * _dot(eb_t, kb, BF16, PREC)       # [F, C]
-    phi_t = phi_t * coef[:, None] * tl.exp(g_last - gc)[None, :]
-    decay = tl.exp(g_last)
-    # S <- decay S + phi(K)^T (to_end * V): [F, C] @ [C, BE]
-    S = S * decay + _dot(phi_t, vv, BF16, PREC)
-    z = z * decay + tl.sum(phi_t, axis=1)
-    return S, z
+    dS, dz, decay = _chunk_contrib(x, y, y1, g, t, t < eos, i_h, Hx, Hk, d, e, a, b, ea_t, eb_t,
+                                   coef, re, me, GROUPS, C, BD, KP, BE, REVERSE, USE_GATE,
+                                   HAS_Y1, BF16, PREC)
+    return S * decay + dS, z * decay + dz
 
 
 @triton.jit
-def state_fwd_kernel(k, v, g, S0, z0, states, zstates, S_T, z_T, cu_seqlens, chunk_offsets,
-                     Hk, d, e, D, SEQS,
-                     C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
-                     BE: tl.constexpr, USE_GATE: tl.constexpr, HAS_INIT: tl.constexpr,
-                     BF16: tl.constexpr, PREC: tl.constexpr, LOOP_FOR: tl.constexpr):
-    """Scan across chunks for one (tile, e-block, sequence x KV head): writes the state entering
-    every chunk into ``states [chunks, Hk, NT, F, e]`` / ``zstates [chunks, Hk, NT, F]`` and the
-    final state into ``S_T [N, Hk, D, e]`` / ``z_T [N, Hk, D]`` (exact layout). ``SEQS`` is
-    only a key of the autotuner (host.py)."""
+def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqlens,
+                chunk_offsets, coef_scale, Hx, Hk, d, e, D, SEQS,
+                GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
+                NB: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr,
+                USE_GATE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_Y1: tl.constexpr,
+                BF16: tl.constexpr, PREC: tl.constexpr, LOOP_FOR: tl.constexpr):
+    """Sequential scan across the chunks of one (tile, e-block, sequence x KV head), forward
+    (the state entering every chunk into ``states [chunks, Hk, NT, F, e]`` / ``zstates``, the
+    final state into ``S_out [N, Hk, D, e]`` / ``z_out``, exact layout, from ``S_in`` or zero)
+    or reverse (the gradient of the state at every chunk's end, from that of the final state
+    ``S_in`` to that of the initial one, ``S_out``). ``SEQS`` is only a key of the autotuner
+    (host.py)."""
     tile, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = pid_nh // Hk, pid_nh % Hk
     a, b = _tile_ab(tile, NB)
@@ -209,7 +235,7 @@ def state_fwd_kernel(k, v, g, S0, z0, states, zstates, S_T, z_T, cu_seqlens, chu
     chunk0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, C)
 
-    coef = _pair_coef(a, b, BD)
+    coef = _pair_coef(a, b, BD) * coef_scale
     ea_t = tl.trans(_spread(KP, BD, False))
     eb_t = tl.trans(_spread(KP, BD, True))
     row, exists = _public_rows(a, b, d, BD)
@@ -221,24 +247,26 @@ def state_fwd_kernel(k, v, g, S0, z0, states, zstates, S_T, z_T, cu_seqlens, chu
     S = tl.zeros([F, BE], tl.float32)        # this tile of the state, rows in tile layout
     z = tl.zeros([F], tl.float32)
     if HAS_INIT:
-        S = tl.load(S0 + pub * D * e + row[:, None] * e + re[None, :],
+        S = tl.load(S_in + pub * D * e + row[:, None] * e + re[None, :],
                     mask=exists[:, None] & me[None, :], other=0.0)
-        z = tl.load(z0 + pub * D + row, mask=exists, other=0.0)
+        z = tl.load(z_in + pub * D + row, mask=exists, other=0.0)
     if LOOP_FOR:                  # compiled: a for loop, which Triton software-pipelines
-        for n in range(n_chunks):
-            S, z = _state_fwd_chunk(k, v, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hk,
-                                    d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf, C, BD, KP,
-                                    NT, USE_GATE, BF16, PREC)
+        for i in range(n_chunks):
+            n = n_chunks - 1 - i if REVERSE else i
+            S, z = _scan_step(x, y, y1, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hx,
+                              Hk, d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf, GROUPS, C, BD,
+                              KP, NT, BE, REVERSE, USE_GATE, HAS_Y1, BF16, PREC)
     else:                         # the interpreter cannot range() over a loaded bound
-        n = n_chunks * 0
-        while n < n_chunks:
-            S, z = _state_fwd_chunk(k, v, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hk,
-                                    d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf, C, BD, KP,
-                                    NT, USE_GATE, BF16, PREC)
-            n += 1
-    tl.store(S_T + pub * D * e + row[:, None] * e + re[None, :], S,
+        i = n_chunks * 0
+        while i < n_chunks:
+            n = n_chunks - 1 - i if REVERSE else i
+            S, z = _scan_step(x, y, y1, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hx,
+                              Hk, d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf, GROUPS, C, BD,
+                              KP, NT, BE, REVERSE, USE_GATE, HAS_Y1, BF16, PREC)
+            i += 1
+    tl.store(S_out + pub * D * e + row[:, None] * e + re[None, :], S,
              mask=exists[:, None] & me[None, :])
-    tl.store(z_T + pub * D + row, z, mask=exists & (pid_e == 0))
+    tl.store(z_out + pub * D + row, z, mask=exists & (pid_e == 0))
 
 
 @triton.jit
@@ -323,92 +351,6 @@ def prepare_bwd_kernel(o, do, den, dy, dyz, T, Hq, e,
     tl.store(dy + (t[:, None] * Hq + i_hq) * e + re[None, :],
              (gg.to(tl.float32) * inv[:, None]).to(dy.dtype.element_ty), mask=m)
     tl.store(dyz + t * Hq + i_hq, tl.where(zero, 0.0, -delta * inv), mask=mt)
-
-
-@triton.jit
-def _state_bwd_chunk(q, g, dy, dyz, dstates, dzstates, dS, dz, n, chunk0, bos, eos, i_h,
-                     Hq, Hk, d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf,
-                     GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
-                     NT: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
-                     PREC: tl.constexpr):
-    """One step of the reverse scan: store the gradient of the state at the end of chunk
-    ``n``, then carry it to the chunk's start through its queries ``phi(Q)^T dY``. ``coef``
-    holds the scale (``phi(s q) = s^2 phi(q)``)."""
-    F: tl.constexpr = BD * BD
-    slot = ((chunk0 + n) * Hk + i_h) * NT + tile
-    tl.store(dstates + slot * F * e + rf[:, None] * e + re[None, :],
-             dS.to(dstates.dtype.element_ty), mask=me[None, :])
-    tl.store(dzstates + slot * F + rf, dz)
-    t = bos + n * C + tl.arange(0, C)
-    mt = t < eos
-    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
-    from_start = tl.exp(gc)
-    dS = dS * tl.exp(g_last)
-    dz = dz * tl.exp(g_last)
-    for r in range(GROUPS):
-        i_hq = i_h * GROUPS + r
-        qa = _load_block_t(q, t, mt, i_hq, Hq, d, a, KP, BD)            # [KP, C]
-        qb = _load_block_t(q, t, mt, i_hq, Hq, d, b, KP, BD)
-        phi_t = _dot(ea_t, qa, BF16, PREC) * _dot(eb_t, qb, BF16, PREC)   # [F, C]
-        phi_t = phi_t * coef[:, None] * from_start[None, :]
-        dyv = tl.load(dy + (t[:, None] * Hq + i_hq) * e + re[None, :],
-                      mask=mt[:, None] & me[None, :], other=0.0)
-        dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
-        # dS += phi(Q)^T dY: [F, C] @ [C, BE]
-        dS += _dot(phi_t, dyv, BF16, PREC)
-        dz += tl.sum(phi_t * dy1[None, :], axis=1)
-    return dS, dz
-
-
-@triton.jit
-def state_bwd_kernel(q, g, dy, dyz, dS_T, dz_T, dstates, dzstates, dS0, dz0,
-                     cu_seqlens, chunk_offsets, scale, Hq, Hk, d, e, D, SEQS,
-                     GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
-                     NB: tl.constexpr, BE: tl.constexpr, USE_GATE: tl.constexpr,
-                     BF16: tl.constexpr, PREC: tl.constexpr, LOOP_FOR: tl.constexpr):
-    """Reverse scan of the state gradient for one (tile, e-block, sequence x KV head): writes
-    the gradient of the state at the end of every chunk into ``dstates`` / ``dzstates`` and the
-    gradient of the initial state into ``dS0`` / ``dz0`` (exact layout). ``SEQS`` as in
-    ``state_fwd_kernel``."""
-    tile, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = pid_nh // Hk, pid_nh % Hk
-    a, b = _tile_ab(tile, NB)
-    F: tl.constexpr = BD * BD
-    NT: tl.constexpr = NB * (NB + 1) // 2
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    chunk0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    n_chunks = tl.cdiv(eos - bos, C)
-
-    coef = _pair_coef(a, b, BD) * (scale * scale)
-    ea_t = tl.trans(_spread(KP, BD, False))
-    eb_t = tl.trans(_spread(KP, BD, True))
-    row, exists = _public_rows(a, b, d, BD)
-    rf = tl.arange(0, F)
-    re = pid_e * BE + tl.arange(0, BE)
-    me = re < e
-    pub = (i_n * Hk + i_h).to(tl.int64)
-
-    dS = tl.load(dS_T + pub * D * e + row[:, None] * e + re[None, :],
-                 mask=exists[:, None] & me[None, :], other=0.0)
-    dz = tl.load(dz_T + pub * D + row, mask=exists, other=0.0)
-    if LOOP_FOR:
-        for i in range(n_chunks):
-            dS, dz = _state_bwd_chunk(q, g, dy, dyz, dstates, dzstates, dS, dz,
-                                      n_chunks - 1 - i, chunk0, bos, eos, i_h, Hq, Hk, d, e,
-                                      tile, a, b, ea_t, eb_t, coef, re, me, rf, GROUPS, C, BD, KP,
-                                      NT, USE_GATE, BF16, PREC)
-    else:
-        n = n_chunks - 1
-        while n >= 0:
-            dS, dz = _state_bwd_chunk(q, g, dy, dyz, dstates, dzstates, dS, dz, n,
-                                      chunk0, bos, eos, i_h, Hq, Hk, d, e, tile, a, b, ea_t, eb_t,
-                                      coef, re, me, rf, GROUPS, C, BD, KP, NT, USE_GATE, BF16,
-                                      PREC)
-            n -= 1
-    tl.store(dS0 + pub * D * e + row[:, None] * e + re[None, :], dS,
-             mask=exists[:, None] & me[None, :])
-    tl.store(dz0 + pub * D + row, dz, mask=exists & (pid_e == 0))
 
 
 @triton.jit
@@ -653,3 +595,32 @@ def decode_finish_kernel(part, o, e, NT: tl.constexpr, NTP: tl.constexpr, EP: tl
     den = tl.sum(tl.load(base + EP, mask=mt, other=0.0), axis=0)
     den = tl.where(den == 0, 1.0, den)
     tl.store(o + i * e + re, (num / den).to(o.dtype.element_ty), mask=re < e)
+
+
+@triton.jit
+def rope_kernel(q, k, cos, sin, q_out, k_out, Hq, Hk, HALF: tl.constexpr, HQP: tl.constexpr,
+                HKP: tl.constexpr):
+    """Rotary embedding of one token's query and key heads in one program (``rotate_half``
+    layout: ``[x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]``), fp32 arithmetic, one rounding to
+    the output dtype. Rows ``[tokens, H, 2 * HALF]`` contiguous; ``cos, sin [tokens, 2 *
+    HALF]``."""
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, HALF)
+    c1 = tl.load(cos + t * 2 * HALF + c).to(tl.float32)
+    c2 = tl.load(cos + t * 2 * HALF + HALF + c).to(tl.float32)
+    s1 = tl.load(sin + t * 2 * HALF + c).to(tl.float32)
+    s2 = tl.load(sin + t * 2 * HALF + HALF + c).to(tl.float32)
+    _rope_rows(q, q_out, t, Hq, c, c1, c2, s1, s2, HALF, HQP)
+    _rope_rows(k, k_out, t, Hk, c, c1, c2, s1, s2, HALF, HKP)
+
+
+@triton.jit
+def _rope_rows(x, out, t, H, c, c1, c2, s1, s2, HALF: tl.constexpr, HP: tl.constexpr):
+    h = tl.arange(0, HP)
+    mh = (h < H)[:, None]
+    first = (t * H + h)[:, None] * 2 * HALF + c[None, :]
+    x1 = tl.load(x + first, mask=mh, other=0.0).to(tl.float32)
+    x2 = tl.load(x + first + HALF, mask=mh, other=0.0).to(tl.float32)
+    ty = out.dtype.element_ty
+    tl.store(out + first, (x1 * c1[None, :] - x2 * s1[None, :]).to(ty), mask=mh)
+    tl.store(out + first + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(ty), mask=mh)
