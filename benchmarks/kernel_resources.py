@@ -30,14 +30,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from power_retention.model import fused  # noqa: E402
 from power_retention.ops.triton import host, kernels  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-INTS = {"Hk", "Hq", "Hx", "d", "e", "D", "SEQS", "L", "T", "held", "cap"}
+INTS = {"Hk", "Hq", "Hx", "d", "e", "D", "SEQS", "L", "T", "held", "cap", "H", "N"}
 INDEX = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_indices": "*i32"}
 INPUTS = {"q", "k", "v", "x", "o", "do", "dq", "dk", "dv", "bk", "bv", "q_out", "k_out", "cos",
-          "sin"}
+          "sin", "res", "w", "out", "total", "gate", "up"}
 
 
 def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
@@ -50,7 +51,7 @@ def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name in INTS:
             sig[name] = "i32"
-        elif name in ("scale", "coef_scale"):
+        elif name in ("scale", "coef_scale", "eps"):
             sig[name] = "fp32"
         elif name in INDEX:
             sig[name] = INDEX[name]
@@ -102,7 +103,10 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
                                               SPLIT=split, PRECISION=precision)
     yield kernels.decode_finish_kernel, dict(NT=NT, NTP=max(16, triton.next_power_of_2(NT)),
                                              EP=EP)
-    yield kernels.rope_kernel, dict(HALF=d // 2, HQP=32, HKP=8)
+    yield fused._rms_norm_kernel, dict(HAS_RES=True, BH=2048)
+    yield fused._silu_mul_kernel, dict(BLOCK=1024)
+    yield fused._log_sigmoid_kernel, dict(BLOCK=1024)
+    yield fused._rope_kernel, dict(HALF=d // 2, HQP=32, HKP=8)
 
 
 def main() -> None:

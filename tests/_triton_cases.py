@@ -219,26 +219,80 @@ def case_decode_into_wide_values():
     return _decode_into(1, 11, 2, 1, 32, 72, torch.float32, capacity=4, seed=10)
 
 
-def case_rope_fused():
-    """``apply_rope_qk`` without autograd: the one-launch kernel (GQA 6/2 heads, d = 32,
-    fp32 and fp16) against ``apply_rope``; with autograd it takes ``apply_rope`` itself."""
+def case_fused_generation_ops():
+    """``model.fused`` (one launch each, taken when no gradient is recorded) against the
+    PyTorch path of the same step, float32 and float16: the norm with and without the residual
+    add, silu * up, the log-gates, RoPE of q and k (GQA 6/2 heads); with autograd the model's
+    functions take the PyTorch path."""
     _host()
+    import torch.nn.functional as F
+
+    from power_retention.model import fused
     from power_retention.model.rope import apply_rope, apply_rope_qk
     gen = torch.Generator().manual_seed(11)
     errors = {}
     for dtype, tag in [(torch.float32, ""), (torch.float16, "_fp16")]:
-        q, k = (torch.randn(2, 5, h, 32, generator=gen).to(dtype) for h in (6, 2))
+        def randn(*shape, dtype=dtype):
+            return torch.randn(*shape, generator=gen).to(dtype)
+        x, res, w = randn(2, 3, 40), randn(2, 3, 40), randn(40)
+        normed, total = fused.rms_norm(x, w, 1e-6, res)
+        ref_total = (x.double() + res.double()).to(dtype).double()
+        errors["norm_total" + tag] = rel_err(total, ref_total)
+        errors["norm" + tag] = rel_err(normed, w.double() * F.rms_norm(ref_total, (40,), eps=1e-6))
+        errors["norm_alone" + tag] = rel_err(fused.rms_norm(x, w, 1e-6),
+                                             w.double() * F.rms_norm(x.double(), (40,), eps=1e-6))
+        gate, up = randn(3, 1100), randn(3, 1100)          # two blocks, the second cut short
+        errors["silu_mul" + tag] = rel_err(fused.silu_mul(gate, up),
+                                           F.silu(gate.double()) * up.double())
+        logits = randn(2, 7, 3) * 10
+        log_gate = fused.log_sigmoid(logits)
+        errors["log_sigmoid" + tag] = rel_err(log_gate, F.logsigmoid(logits.double()))
+        errors["log_sigmoid_is_fp32" + tag] = float(log_gate.dtype != torch.float32)
+        q, k = randn(2, 5, 6, 32), randn(2, 5, 2, 32)
         angles = torch.randn(2, 5, 16, generator=gen).repeat(1, 1, 2)
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         with torch.no_grad():
             rq, rk = apply_rope_qk(q, k, cos, sin)
-        eq, ek = (apply_rope(x.double(), cos.double(), sin.double()) for x in (q, k))
-        errors["q" + tag], errors["k" + tag] = rel_err(rq, eq), rel_err(rk, ek)
-        errors["dtype_kept" + tag] = float(rq.dtype != dtype or rk.dtype != dtype)
+        eq, ek = (apply_rope(t.double(), cos.double(), sin.double()) for t in (q, k))
+        errors["rope_q" + tag], errors["rope_k" + tag] = rel_err(rq, eq), rel_err(rk, ek)
+        errors["rope_dtype_kept" + tag] = float(rq.dtype != dtype or rk.dtype != dtype)
     q.requires_grad_()
     rq, _ = apply_rope_qk(q, k, cos, sin)
-    errors["autograd_takes_pytorch"] = float(rq.grad_fn is None)
+    errors["autograd_takes_pytorch"] = float(rq.grad_fn is None or fused.fusable(q))
     return errors
+
+
+def case_model_generation_fused():
+    """A small power retention model generating in float32 (prefill, then decode steps through
+    the cache) with the one-launch kernels (interpreted here) against the same steps with
+    ``POWER_RETENTION_IMPL=torch``: logits of every step."""
+    _host()
+    from power_retention.model import PowerRetentionConfig, PowerRetentionForCausalLM
+    torch.manual_seed(0)
+    config = PowerRetentionConfig(vocab_size=61, hidden_size=64, intermediate_size=48,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, pad_token_id=0, bos_token_id=None,
+                                  eos_token_id=None)
+    model = PowerRetentionForCausalLM(config).eval()
+    prompt = torch.randint(0, 61, (2, 9))
+
+    def logits_of_steps():
+        with torch.no_grad():
+            out = model(prompt, use_cache=True)
+            steps, cache = [out.logits[:, -1]], out.past_key_values
+            for _ in range(3):
+                token = steps[-1].argmax(-1, keepdim=True)
+                out = model(token, past_key_values=cache, use_cache=True)
+                steps.append(out.logits[:, -1])
+                cache = out.past_key_values
+        return torch.stack(steps)
+    fast = logits_of_steps()
+    os.environ["POWER_RETENTION_IMPL"] = "torch"
+    try:
+        reference = logits_of_steps()
+    finally:
+        del os.environ["POWER_RETENTION_IMPL"]
+    return {"logits": rel_err(fast, reference.double())}
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from power_retention.ops import (
     state_bytes,
 )
 
+from . import fused
 from .cache import PowerRetentionCache, RecurrentCacheLayer
 from .configuration import PowerRetentionConfig
 from .linear_attention import feature_map, linear_attention
@@ -48,10 +49,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
-        # fp32 inside (float64 stays), one fused kernel on a GPU; rounded to x's dtype, then
-        # scaled, as Llama's norm does
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        """The norm of ``x``, or with ``residual`` of ``x + residual``, returning ``(normed, x +
+        residual)``. fp32 inside (float64 stays); rounded to x's dtype, then scaled, as Llama's
+        norm does. Generating on a GPU it is one kernel (``fused.rms_norm``, the add
+        included)."""
+        if fused.fusable(x, self.weight) and (residual is None or fused.fusable(residual)):
+            return fused.rms_norm(x, self.weight, self.eps, residual)
+        if residual is None:
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        total = x + residual
+        return self.weight * F.rms_norm(total, (x.shape[-1],), eps=self.eps), total
 
 
 def make_norm(config: PowerRetentionConfig, size: int) -> nn.Module:
@@ -75,10 +83,14 @@ class MLP(nn.Module):
             self.c_fc = nn.Linear(hidden, inner, bias=bias)
             self.c_proj = nn.Linear(inner, hidden, bias=bias)
         self.act = ACT2FN[config.hidden_act]
+        self.silu = config.hidden_act == "silu"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            if self.silu and fused.fusable(gate, up):        # generating: one kernel
+                return self.down_proj(fused.silu_mul(gate, up))
+            return self.down_proj(self.act(gate) * up)
         return self.c_proj(self.act(self.c_fc(x)))
 
 
@@ -152,7 +164,11 @@ class PowerRetentionAttention(nn.Module):
         """Power retention or gated linear attention; outputs ``[B, n, Hq, d]``."""
         n = x.shape[1]
         gate_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        log_gate = F.logsigmoid(self.g_proj(x).to(gate_dtype))                   # [B, n, Hk]
+        logits = self.g_proj(x)                                                  # [B, n, Hk]
+        if gate_dtype == torch.float32 and fused.fusable(logits):          # generating
+            log_gate = fused.log_sigmoid(logits)
+        else:
+            log_gate = F.logsigmoid(logits.to(gate_dtype))
         if self.time_mixing == "linear":
             q, k = feature_map(q), feature_map(k)
         if attention_mask is not None:
@@ -251,10 +267,14 @@ class PowerRetentionBlock(GradientCheckpointingLayer):
     def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
                 attention_mask: Tensor | None = None,
                 past_key_values: PowerRetentionCache | None = None) -> Tensor:
-        hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-            past_key_values)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        attended = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
+                                  attention_mask, past_key_values)
+        if isinstance(self.post_attention_layernorm, RMSNorm):     # the add inside the norm
+            normed, hidden_states = self.post_attention_layernorm(attended, hidden_states)
+        else:
+            hidden_states = hidden_states + attended
+            normed = self.post_attention_layernorm(hidden_states)
+        return hidden_states + self.mlp(normed)
 
 
 class PowerRetentionPreTrainedModel(PreTrainedModel):

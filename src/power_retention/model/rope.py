@@ -13,12 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import fused
 from .configuration import PowerRetentionConfig
-
-try:                                        # one-launch RoPE of q and k for generation on GPUs
-    from ..ops.triton import host as _triton_host
-except ImportError:                         # no Triton installed: the PyTorch path only
-    _triton_host = None
 
 
 def rope_frequencies(config: PowerRetentionConfig, seq_len: int, device: torch.device
@@ -111,8 +107,6 @@ def apply_rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tenso
     step) one Triton kernel rotates both: ``apply_rope`` takes four kernels per tensor, which
     at batch 1 cost more than their arithmetic. It computes in fp32 and rounds once, where
     ``apply_rope`` also rounds ``x * cos`` to the input dtype first."""
-    if (_triton_host is not None and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
-            and _triton_host.rope_supported(q, k, cos)):
-        return _triton_host.rope(q, k, cos, sin)
+    if fused.fusable(q, k, cos, sin) and fused.rope_supported(q, k, cos):
+        return fused.rope_qk(q, k, cos, sin)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -294,32 +294,6 @@ def decode_into(q, k, v, log_gate, S, z, buffer_k, buffer_v, buffer_log_gate, he
     return o
 
 
-def rope_supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> bool:
-    """Whether ``rope`` takes these inputs: CUDA (or the interpreter), a power-of-two head
-    size from 16 to 256, q and k of one floating dtype, ``cos [B, T, d]``."""
-    if os.environ.get("POWER_RETENTION_IMPL", "").lower() == "torch":
-        return False
-    d = q.shape[-1]
-    return ((q.is_cuda or INTERPRET) and q.dtype == k.dtype
-            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and d in (16, 32, 64, 128, 256) and k.shape[:2] == q.shape[:2]
-            and k.shape[-1] == d and tuple(cos.shape) == (*q.shape[:2], d))
-
-
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotary embedding of ``q [B, T, Hq, d]`` and ``k [B, T, Hk, d]`` by ``cos, sin [B, T,
-    d]`` in one launch (``model.rope.apply_rope`` takes eight kernels for the pair): new
-    tensors in the inputs' dtype."""
-    B, T, Hq, d = q.shape
-    q, k = q.contiguous(), k.contiguous()
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    if B * T:
-        kernels.rope_kernel[(B * T,)](q, k, cos.contiguous(), sin.contiguous(), q_out, k_out,
-                                      Hq, k.shape[2], HALF=d // 2, HQP=triton.next_power_of_2(Hq),
-                                      HKP=triton.next_power_of_2(k.shape[2]))
-    return q_out, k_out
-
-
 # ---- chunk-size choice: timed once per shape bucket and GPU, cached in a JSON file ----
 
 def _cache_path() -> Path:

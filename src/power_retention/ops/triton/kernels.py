@@ -596,31 +596,3 @@ def decode_finish_kernel(part, o, e, NT: tl.constexpr, NTP: tl.constexpr, EP: tl
     den = tl.where(den == 0, 1.0, den)
     tl.store(o + i * e + re, (num / den).to(o.dtype.element_ty), mask=re < e)
 
-
-@triton.jit
-def rope_kernel(q, k, cos, sin, q_out, k_out, Hq, Hk, HALF: tl.constexpr, HQP: tl.constexpr,
-                HKP: tl.constexpr):
-    """Rotary embedding of one token's query and key heads in one program (``rotate_half``
-    layout: ``[x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]``), fp32 arithmetic, one rounding to
-    the output dtype. Rows ``[tokens, H, 2 * HALF]`` contiguous; ``cos, sin [tokens, 2 *
-    HALF]``."""
-    t = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, HALF)
-    c1 = tl.load(cos + t * 2 * HALF + c).to(tl.float32)
-    c2 = tl.load(cos + t * 2 * HALF + HALF + c).to(tl.float32)
-    s1 = tl.load(sin + t * 2 * HALF + c).to(tl.float32)
-    s2 = tl.load(sin + t * 2 * HALF + HALF + c).to(tl.float32)
-    _rope_rows(q, q_out, t, Hq, c, c1, c2, s1, s2, HALF, HQP)
-    _rope_rows(k, k_out, t, Hk, c, c1, c2, s1, s2, HALF, HKP)
-
-
-@triton.jit
-def _rope_rows(x, out, t, H, c, c1, c2, s1, s2, HALF: tl.constexpr, HP: tl.constexpr):
-    h = tl.arange(0, HP)
-    mh = (h < H)[:, None]
-    first = (t * H + h)[:, None] * 2 * HALF + c[None, :]
-    x1 = tl.load(x + first, mask=mh, other=0.0).to(tl.float32)
-    x2 = tl.load(x + first + HALF, mask=mh, other=0.0).to(tl.float32)
-    ty = out.dtype.element_ty
-    tl.store(out + first, (x1 * c1[None, :] - x2 * s1[None, :]).to(ty), mask=mh)
-    tl.store(out + first + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(ty), mask=mh)
