@@ -361,3 +361,23 @@ def test_gpu_fused_generation_ops_match_pytorch():
     errors = {name: rel_err(got[name], ref[name]) for name in got}
     print(f"\nfused generation ops, bf16: {errors}")
     assert all(err < 8e-3 for err in errors.values()), errors
+
+
+def test_fused_steps_only_where_nothing_is_differentiated(monkeypatch):
+    """``model.fused`` takes GPU tensors (here: the interpreter's stand-in) outside autograd
+    and ``torch.compile``, and nothing when ``POWER_RETENTION_IMPL=torch``; CPU tensors
+    without the interpreter never."""
+    pytest.importorskip("triton")
+    from power_retention.model import fused
+    x = torch.zeros(2, 3)
+    monkeypatch.setattr(fused, "INTERPRET", False)
+    assert not fused.fusable(x)
+    monkeypatch.setattr(fused, "INTERPRET", True)
+    assert fused.fusable(x) and not fused.fusable(x.double())
+    w = torch.zeros(3, requires_grad=True)
+    assert not fused.fusable(x, w)                       # training: PyTorch's autograd path
+    with torch.no_grad():
+        assert fused.fusable(x, w)                       # generation
+    monkeypatch.setenv("POWER_RETENTION_IMPL", "torch")
+    with torch.no_grad():
+        assert not fused.fusable(x, w)
