@@ -35,10 +35,11 @@ from power_retention.ops.triton import host, kernels  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-INTS = {"Hk", "Hq", "Hx", "d", "e", "D", "SEQS", "L", "T", "held", "cap", "H", "N"}
+INTS = {"Hk", "Hq", "Hx", "d", "e", "D", "SEQS", "L", "T", "held", "cap", "H", "N", "M"}
 INDEX = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_indices": "*i32"}
 INPUTS = {"q", "k", "v", "x", "o", "do", "dq", "dk", "dv", "bk", "bv", "q_out", "k_out", "cos",
-          "sin", "res", "w", "out", "total", "gate", "up"}
+          "sin", "res", "w", "out", "total", "gate", "up", "wq", "wk", "wv", "wg", "wu", "bq",
+          "bu"}
 
 
 def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
@@ -96,17 +97,23 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
         yield kernels.dkv_kernel, dict(C=C, EP=EP, GROUPS=1, **tiling, **flags)
     yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP)
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    for bd in (16, 8) if e <= 64 else (8,):                  # as host.decode_into picks
-        NT = (d // bd) * (d // bd + 1) // 2
-        for split in (1, NT):
-            yield kernels.decode_kernel, dict(G=4, GP=16, LP=64, BD=bd, NB=d // bd, EP=EP,
-                                              SPLIT=split, PRECISION=precision)
-    yield kernels.decode_finish_kernel, dict(NT=NT, NTP=max(16, triton.next_power_of_2(NT)),
+    D = d * (d + 1) // 2
+    for R in (64, 32) if e <= 64 else (32,):                # as host.decode_into picks
+        blocks = triton.cdiv(D, R)
+        for split in (1, blocks):
+            yield kernels.decode_kernel, dict(G=4, GP=4, LP=64, DK=d, R=R,
+                                              NBLK=triton.cdiv(blocks, split), EP=EP,
+                                              SPLIT=split, STAGES=3, PRECISION=precision)
+    yield kernels.decode_finish_kernel, dict(NT=blocks, NTP=triton.next_power_of_2(blocks),
                                              EP=EP)
     yield fused._rms_norm_kernel, dict(HAS_RES=True, BH=2048)
     yield fused._silu_mul_kernel, dict(BLOCK=1024)
     yield fused._log_sigmoid_kernel, dict(BLOCK=1024)
     yield fused._rope_kernel, dict(HALF=d // 2, HQP=32, HKP=8)
+    skinny = dict(K=2048, HAS_BIAS=True, PB=fused.PAIR_BLOCK, BM=16, BK=fused.K_BLOCK,
+                  STAGES=fused.STAGES, PREC=precision)
+    yield fused._qkv_kernel, dict(HAS_GATE=True, HALF=d // 2, GP=16, **skinny)
+    yield fused._gate_up_kernel, skinny
 
 
 def main() -> None:

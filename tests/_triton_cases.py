@@ -214,8 +214,8 @@ def case_decode_into_gqa():
 
 
 def case_decode_into_wide_values():
-    """e > 64: 8 x 8 tiles, four programs per sequence x KV head, each streaming every fourth
-    of the 10 tiles (the last ones masked)."""
+    """e > 64: blocks of 32 state rows, four programs per sequence x KV head, each streaming
+    every fourth of the 17 blocks (the last block and the last program's fifth masked)."""
     return _decode_into(1, 11, 2, 1, 32, 72, torch.float32, capacity=4, seed=10)
 
 
@@ -262,17 +262,73 @@ def case_fused_generation_ops():
     return errors
 
 
+def case_fused_projections():
+    """``fused.project_qkv`` and ``fused.gate_up_silu`` (a decode step's products in one
+    launch each) against PyTorch's linears, RoPE, log-sigmoid and silu * up in float64, float32
+    and float16, with and without biases, one row and several (``K`` over three blocks, GQA
+    4/2, head size 64: one block of 32 column pairs per head, or two of 16 past 16 rows)."""
+    _host()
+    import torch.nn.functional as F
+    from torch import nn
+
+    from power_retention.model import fused
+    from power_retention.model.rope import apply_rope
+    gen = torch.Generator().manual_seed(12)
+    K, Hq, Hk, d, N = 300, 4, 2, 64, 40
+
+    def linear(n_out, bias, dtype):
+        lin = nn.Linear(K, n_out, bias=bias)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n_out, K, generator=gen) / K ** 0.5)
+            if bias:
+                lin.bias.copy_(torch.randn(n_out, generator=gen))
+        return lin.to(dtype)
+
+    def ref(lin, x):
+        return F.linear(x.double(), lin.weight.double(),
+                        None if lin.bias is None else lin.bias.double())
+    errors = {}
+    for dtype, bias, (B, T) in [(torch.float32, True, (3, 1)), (torch.float32, False, (3, 7)),
+                                (torch.float16, True, (1, 1))]:
+        tag = f"_{str(dtype)[6:]}_bias{int(bias)}_{B}x{T}"
+        q_proj, k_proj, v_proj = (linear(n, bias, dtype) for n in (Hq * d, Hk * d, Hk * d))
+        g_proj = linear(Hk, True, dtype)
+        gate_proj, up_proj = linear(N, bias, dtype), linear(N, bias, dtype)
+        x = torch.randn(B, T, K, generator=gen).to(dtype)
+        angles = torch.randn(B, T, d // 2, generator=gen).repeat(1, 1, 2)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        with torch.no_grad():
+            takes = fused.linears_fusable(x, q_proj, k_proj, v_proj) and fused.qkv_supported(
+                q_proj, Hq, cos, x)
+            q, k, v, g = fused.project_qkv(x, q_proj, k_proj, v_proj, g_proj, cos, sin, Hq, Hk)
+            mlp = fused.gate_up_silu(x, gate_proj, up_proj)
+        errors["taken" + tag] = float(not takes)
+        c64, s64 = cos.double(), sin.double()
+        errors["q" + tag] = rel_err(q, apply_rope(ref(q_proj, x).view(B, T, Hq, d), c64, s64))
+        errors["k" + tag] = rel_err(k, apply_rope(ref(k_proj, x).view(B, T, Hk, d), c64, s64))
+        errors["v" + tag] = rel_err(v, ref(v_proj, x).view(B, T, Hk, d))
+        errors["log_gate" + tag] = rel_err(g, F.logsigmoid(ref(g_proj, x)))
+        errors["gate_up_silu" + tag] = rel_err(mlp, F.silu(ref(gate_proj, x)) * ref(up_proj, x))
+        errors["dtypes" + tag] = float(q.dtype != dtype or v.dtype != dtype
+                                       or g.dtype != torch.float32 or mlp.dtype != dtype)
+    too_many = torch.zeros(fused.MAX_ROWS + 1, 1, K, dtype=torch.float32)
+    with torch.no_grad():
+        errors["prefill_keeps_cublas"] = float(fused.linears_fusable(too_many, q_proj.float()))
+    return errors
+
+
 def case_model_generation_fused():
     """A small power retention model generating in float32 (prefill, then decode steps through
-    the cache) with the one-launch kernels (interpreted here) against the same steps with
+    the cache) with the one-launch kernels (interpreted here; head size 32 and q/k/v biases, so
+    the projections take theirs too) against the same steps with
     ``POWER_RETENTION_IMPL=torch``: logits of every step."""
     _host()
     from power_retention.model import PowerRetentionConfig, PowerRetentionForCausalLM
     torch.manual_seed(0)
     config = PowerRetentionConfig(vocab_size=61, hidden_size=64, intermediate_size=48,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, pad_token_id=0, bos_token_id=None,
-                                  eos_token_id=None)
+                                  num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, attention_bias=True, pad_token_id=0,
+                                  bos_token_id=None, eos_token_id=None)
     model = PowerRetentionForCausalLM(config).eval()
     prompt = torch.randint(0, 61, (2, 9))
 

@@ -42,6 +42,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "decode_into_gqa": torch.float16,
     "decode_into_wide_values": torch.float32,
     "fused_generation_ops": torch.float16,
+    "fused_projections": torch.float16,
     "model_generation_fused": torch.float32,
 }
 
@@ -89,7 +90,8 @@ def test_kernels_compile_for_hopper(dtype):
     assert {row[0] for row in rows} == {
         "scan_kernel", "output_fwd_kernel", "dq_kernel", "dkv_kernel",
         "prepare_bwd_kernel", "decode_kernel", "decode_finish_kernel", "_rms_norm_kernel",
-        "_silu_mul_kernel", "_log_sigmoid_kernel", "_rope_kernel"}
+        "_silu_mul_kernel", "_log_sigmoid_kernel", "_rope_kernel", "_qkv_kernel",
+        "_gate_up_kernel"}
     assert all(1 <= int(row[4]) <= 255 for row in rows), result.stdout
 
 
@@ -361,6 +363,48 @@ def test_gpu_fused_generation_ops_match_pytorch():
     errors = {name: rel_err(got[name], ref[name]) for name in got}
     print(f"\nfused generation ops, bf16: {errors}")
     assert all(err < 8e-3 for err in errors.values()), errors
+
+
+@gpu
+@needs_cuda
+def test_gpu_fused_projections_match_pytorch():
+    """``fused.project_qkv`` and ``fused.gate_up_silu`` in bf16 at the 1.1B model's sizes
+    (hidden 2048, 32 / 8 heads of 64, MLP 8192), 1, 16 and 64 rows, against float64: within a
+    few bf16 roundings."""
+    from torch import nn
+
+    from power_retention.model import fused
+    from power_retention.model.rope import apply_rope
+    torch.manual_seed(5)
+
+    def linear(n_out, bias=False):
+        return nn.Linear(2048, n_out, bias=bias, device="cuda", dtype=torch.bfloat16)
+    q_proj, k_proj, v_proj, g_proj = linear(2048), linear(512), linear(512), linear(8, True)
+    gate_proj, up_proj = linear(8192), linear(8192)
+    errors = {}
+    for rows in (1, 16, 64):
+        x = torch.randn(rows, 1, 2048, device="cuda").bfloat16()
+        angles = torch.rand(rows, 1, 32, device="cuda").mul(1e4).repeat(1, 1, 2)
+        cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+        with torch.no_grad():
+            assert fused.linears_fusable(x, q_proj, k_proj, v_proj, gate_proj)
+            q, k, v, g = fused.project_qkv(x, q_proj, k_proj, v_proj, g_proj, cos, sin, 32, 8)
+            mlp = fused.gate_up_silu(x, gate_proj, up_proj)
+
+        x64 = x.double()
+        ref = {name: F.linear(x64, lin.weight.double(),
+                              None if lin.bias is None else lin.bias.double())
+               for name, lin in [("q", q_proj), ("k", k_proj), ("v", v_proj), ("g", g_proj),
+                                 ("gate", gate_proj), ("up", up_proj)]}
+        c64, s64 = cos.double(), sin.double()
+        errors[rows] = {
+            "q": rel_err(q, apply_rope(ref["q"].view(rows, 1, 32, 64), c64, s64)),
+            "k": rel_err(k, apply_rope(ref["k"].view(rows, 1, 8, 64), c64, s64)),
+            "v": rel_err(v, ref["v"].view(rows, 1, 8, 64)),
+            "log_gate": rel_err(g, F.logsigmoid(ref["g"])),
+            "gate_up_silu": rel_err(mlp, F.silu(ref["gate"]) * ref["up"])}
+    print(f"\nfused projections, bf16: {errors}")
+    assert all(err < 8e-3 for row in errors.values() for err in row.values()), errors
 
 
 def test_fused_steps_only_where_nothing_is_differentiated(monkeypatch):

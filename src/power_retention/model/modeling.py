@@ -87,6 +87,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
+            if self.silu and fused.linears_fusable(x, self.gate_proj, self.up_proj):
+                return self.down_proj(fused.gate_up_silu(x, self.gate_proj, self.up_proj))
             gate, up = self.gate_proj(x), self.up_proj(x)
             if self.silu and fused.fusable(gate, up):        # generating: one kernel
                 return self.down_proj(fused.silu_mul(gate, up))
@@ -147,28 +149,44 @@ class PowerRetentionAttention(nn.Module):
         ``attention_mask [B, past + n]`` (1 = token, 0 = padding) or None. Returns
         ``[B, n, hidden]``."""
         B, n, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, n, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(B, n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(B, n, self.num_kv_heads, self.head_dim)
-        if self.config.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope_qk(q, k, *position_embeddings)
+        q, k, v, log_gate = self._project(hidden_states, *position_embeddings)
         layer = None if past_key_values is None else past_key_values.layers[self.layer_idx]
         if self.time_mixing in ("power", "linear"):
-            o = self._recurrent(hidden_states, q, k, v, attention_mask, layer)
+            o = self._recurrent(q, k, v, log_gate, attention_mask, layer)
         else:
             o = self._softmax(q, k, v, attention_mask, layer)
         return self.o_proj(o.reshape(B, n, self.num_heads * self.head_dim))
 
-    def _recurrent(self, x, q, k, v, attention_mask, layer: RecurrentCacheLayer | None):
-        """Power retention or gated linear attention; outputs ``[B, n, Hq, d]``."""
-        n = x.shape[1]
+    def _project(self, x: Tensor, cos: Tensor, sin: Tensor):
+        """``q, k, v [B, n, H, d]`` (RoPE on q and k) and, for power and linear layers, the
+        log-gates ``[B, n, Hk]`` (float32; float64 for float64 inputs), else None. A decode
+        step on a GPU makes all of them in one launch (``fused.project_qkv``)."""
+        B, n, _ = x.shape
+        g_proj = getattr(self, "g_proj", None)
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        if (not self.config.qk_norm and fused.linears_fusable(x, *linears)
+                and (g_proj is None or fused.linears_fusable(x, g_proj))
+                and fused.qkv_supported(self.q_proj, self.num_heads, cos, x)):
+            return fused.project_qkv(x, *linears, g_proj, cos, sin, self.num_heads,
+                                     self.num_kv_heads)
+        q = self.q_proj(x).view(B, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, n, self.num_kv_heads, self.head_dim)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope_qk(q, k, cos, sin)
+        if g_proj is None:
+            return q, k, v, None
+        logits = g_proj(x)                                                       # [B, n, Hk]
+        if fused.fusable(logits):                                          # generating
+            return q, k, v, fused.log_sigmoid(logits)
         gate_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        logits = self.g_proj(x)                                                  # [B, n, Hk]
-        if gate_dtype == torch.float32 and fused.fusable(logits):          # generating
-            log_gate = fused.log_sigmoid(logits)
-        else:
-            log_gate = F.logsigmoid(logits.to(gate_dtype))
+        return q, k, v, F.logsigmoid(logits.to(gate_dtype))
+
+    def _recurrent(self, q, k, v, log_gate, attention_mask, layer: RecurrentCacheLayer | None):
+        """Power retention or gated linear attention; outputs ``[B, n, Hq, d]``."""
+        B, n = q.shape[:2]
+        gate_dtype = log_gate.dtype
         if self.time_mixing == "linear":
             q, k = feature_map(q), feature_map(k)
         if attention_mask is not None:
@@ -191,8 +209,8 @@ class PowerRetentionAttention(nn.Module):
         if n == 1:   # one new token: attention over the buffer, query the state
             state = layer.state
             if state is None:
-                state = RetentionState.zeros(x.shape[0], self.num_kv_heads, self.head_dim,
-                                             self.head_dim, self.deg, device=x.device,
+                state = RetentionState.zeros(B, self.num_kv_heads, self.head_dim,
+                                             self.head_dim, self.deg, device=q.device,
                                              dtype=gate_dtype)
             if layer.buffer_len + 1 < layer.buffer_capacity:     # written in place, no fold
                 o = power_retention_decode_into(q, k, v, log_gate, state, layer.slots(k, v),

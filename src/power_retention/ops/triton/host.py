@@ -265,30 +265,27 @@ def decode_into(q, k, v, log_gate, S, z, buffer_k, buffer_v, buffer_log_gate, he
     contiguous); the new token is written into slot ``held``."""
     B, _, Hq, d = q.shape
     cap, Hk, e = buffer_k.shape[1], k.shape[2], v.shape[3]
-    # Decoding reads the exact layout, so its tiles are free. Few sequences: one program per
-    # 16 x 16 tile, a second launch adding their partial sums. More: 8 x 8 tiles, each program
-    # streaming every split-th of them, about four programs per multiprocessor. On the H200
-    # (graphed per layer, docs/benchmarks.md run 24) that took batch 16 x 8 KV heads from 60.6
-    # to 46.9 us and batch 64 x 16 from 332 to 263 us; batch 1 stays on 16 x 16 tiles (14 us).
-    # e > 64 always takes 8 x 8 tiles, whose fp32 state tiles fit the registers. The
-    # interpreter counts one multiprocessor, so its small tests take every way.
+    # Programs stream blocks of contiguous state rows, about four programs per multiprocessor:
+    # blocks of 64 rows while each can have its own program (few sequences), else of 32. A
+    # sweep on the H200 (docs/benchmarks.md, run 28; 8 KV heads x 4 queries, d = e = 64,
+    # graphed) took batch 1 / 16 / 32 / 64 from 8.2 / 42.8 / 75.1 / 140.3 us with tiles of
+    # pairs (the kernel before) to 7.3 / 26.1 / 43.0 / 72.6 us, against 1.0 / 15.9 / 31.7 / 63.4
+    # us to read the states once. The interpreter counts one multiprocessor, so its small tests
+    # take the split ways.
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    tiles16 = (d // 16) * (d // 16 + 1) // 2
-    if e <= 64 and B * Hk * tiles16 <= 4 * sms:
-        bd, split = 16, tiles16
-    else:
-        bd = 8
-        split = max(1, min((d // 8) * (d // 8 + 1) // 2, round(4 * sms / (B * Hk))))
-    NB, D, EP = d // bd, d * (d + 1) // 2, _pow2(e)
+    D, EP = d * (d + 1) // 2, _pow2(e)
+    R = 64 if B * Hk * triton.cdiv(D, 64) <= 4 * sms and EP <= 64 else 32
+    blocks = triton.cdiv(D, R)
+    split = max(1, min(blocks, round(4 * sms / (B * Hk))))
     o = q.new_empty(B, 1, Hq, e)
     out = o if split == 1 else _empty(B, Hq, split, EP + 1, dtype=torch.float32,
                                       device=q.device)
     kernels.decode_kernel[(B * Hk, split)](
         q.contiguous(), k.contiguous(), v.contiguous(), log_gate.contiguous(), buffer_k,
         buffer_v, buffer_log_gate, S.contiguous(), z.contiguous(), out, scale, held, Hk, d, e,
-        D, cap, G=Hq // Hk, GP=_pow2(Hq // Hk), LP=_pow2(cap), BD=bd, NB=NB, EP=EP, SPLIT=split,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8 if q.dtype == torch.float32 else 4)      # fp32 inputs spill with 4 warps
+        D, cap, G=Hq // Hk, GP=_pow2(Hq // Hk), LP=_pow2(cap), DK=d, R=R,
+        NBLK=triton.cdiv(blocks, split), EP=EP, SPLIT=split, STAGES=3,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     if split > 1:
         kernels.decode_finish_kernel[(B * Hq,)](out, o, e, NT=split, NTP=_pow2(split), EP=EP)
     return o

@@ -500,30 +500,39 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, 
 
 
 @triton.jit
+def _pair_of_row(r, d):
+    """The pair ``(i, j)``, ``i <= j``, of row ``r`` of the exact layout, where row ``i d - i (i
+    - 1) / 2 + j - i`` holds ``x_i x_j``: the smaller root of that quadratic in ``i``, its
+    rounding corrected by one either way."""
+    n = 2 * d + 1
+    i = ((n - tl.sqrt((n * n - 8 * r).to(tl.float32))) * 0.5).to(tl.int32)
+    i = tl.where(i * n - i * i > 2 * r, i - 1, i)                    # start of row i > r
+    i = tl.where((i + 1) * n - (i + 1) * (i + 1) <= 2 * r, i + 1, i)   # start of i + 1 <= r
+    return i, r - (i * n - i * i) // 2 + i
+
+
+@triton.jit
 def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, scale, held, Hk, d, e, D, cap,
-                  G: tl.constexpr, GP: tl.constexpr, LP: tl.constexpr, BD: tl.constexpr,
-                  NB: tl.constexpr, EP: tl.constexpr, SPLIT: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  G: tl.constexpr, GP: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr,
+                  R: tl.constexpr, NBLK: tl.constexpr, EP: tl.constexpr, SPLIT: tl.constexpr,
+                  STAGES: tl.constexpr, PRECISION: tl.constexpr):
     """One new token per sequence for the ``G`` query heads of one KV head, as the rows of
-    matrix products: program ``(b * Hk + h, split)`` streams the state tiles ``split,
-    split + SPLIT, ..`` (each read once for all ``G`` heads, the next loading while this one
-    multiplies). With ``SPLIT == 1`` it writes ``o [B, Hq, e]`` (out's dtype), else partial
-    numerators and denominators ``out [B, Hq, SPLIT, EP + 1]`` for ``decode_finish_kernel``.
-    Split 0 also attends to the ``held`` buffered tokens (``bk [B, cap, Hk, d]``, ``bv``,
-    ``bg``) and the new one (``k [B, Hk, d]``, ``v``, ``g [B, Hk]``), and writes the new token
-    into slot ``held``."""
+    matrix products: program ``(b * Hk + h, split)`` streams the blocks of ``R`` contiguous
+    state rows ``split, split + SPLIT, ..`` (``NBLK`` of them; each read once for all ``G``
+    heads, the next ones loading while this one multiplies), forming ``phi(q)`` for those rows
+    from the pairs they hold. With ``SPLIT == 1`` it writes ``o [B, Hq, e]`` (out's dtype),
+    else partial numerators and denominators ``out [B, Hq, SPLIT, EP + 1]`` for
+    ``decode_finish_kernel``. Split 0 also attends to the ``held`` buffered tokens (``bk [B,
+    cap, Hk, d]``, ``bv``, ``bg``) and the new one (``k [B, Hk, d]``, ``v``, ``g [B, Hk]``),
+    and writes the new token into slot ``held``."""
     i_bh, split = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // Hk).to(tl.int64), i_bh % Hk
-    NT: tl.constexpr = NB * (NB + 1) // 2
-    F: tl.constexpr = BD * BD
-    DK: tl.constexpr = NB * BD
     re = tl.arange(0, EP)
     me = re < e
     rl = tl.arange(0, LP)
     rd = tl.arange(0, DK)
     rj = tl.arange(0, GP)
     mj = rj < G
-    f = tl.arange(0, F)
     g_new = tl.load(g + i_bh)
     g_old = tl.load(bg + (i_b * cap + rl) * Hk + i_h, mask=rl < held, other=0.0)
     g_total = tl.sum(g_old, axis=0) + g_new                 # log decay since the state's fold
@@ -533,10 +542,10 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, scale, held, Hk, d, e, D, c
     # the buffer, split 0 only (elsewhere every load is masked off and the products add
     # zeros): rows < held from the slots, row held the new token, which is also written there
     first = split == 0
-    kn = tl.load(k + i_bh * d + rd, mask=(rd < DK) & first, other=0.0)
+    kn = tl.load(k + i_bh * d + rd, mask=first, other=0.0)
     vn = tl.load(v + i_bh * e + re, mask=me & first, other=0.0)
     slot = (i_b * cap + held) * Hk + i_h
-    tl.store(bk + slot * d + rd, kn.to(bk.dtype.element_ty), mask=(rd < DK) & first)
+    tl.store(bk + slot * d + rd, kn.to(bk.dtype.element_ty), mask=first)
     tl.store(bv + slot * e + re, vn.to(bv.dtype.element_ty), mask=me & first)
     tl.store(bg + slot + rl, g_new + tl.zeros([LP], tl.float32), mask=(rl == 0) & first)
     old = (rl < held) & first
@@ -554,20 +563,20 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, scale, held, Hk, d, e, D, c
     num = tl.dot(w, vv.to(tl.float32), input_precision=PRECISION)        # [GP, EP]
     den = tl.sum(w, axis=1)                                              # [GP]
 
-    # the state tiles: phi(q) rows [GP, F] against S [F, e] and z [F]
+    # the state: phi(q) [GP, R] of R rows against S [R, e] and z [R]
     from_start = (scale * scale) * tl.exp(g_total)
-    for i in tl.range(0, (NT + SPLIT - 1) // SPLIT, num_stages=2):
-        tile = split + i * SPLIT
-        a, b = _tile_ab(tile, NB)
-        row, exists = _public_rows(a, b, d, BD)
-        exists = exists & (tile < NT)
-        St = tl.load(S + pub * D * e + row[:, None] * e + re[None, :],
-                     mask=exists[:, None] & me[None, :], other=0.0)
-        zt = tl.load(z + pub * D + row, mask=exists, other=0.0)
-        mq = mj[:, None] & (tile < NT)
-        qa = tl.load(qrows[:, None] + a * BD + f[None, :] // BD, mask=mq, other=0.0)
-        qb = tl.load(qrows[:, None] + b * BD + f[None, :] % BD, mask=mq, other=0.0)
-        phi = qa.to(tl.float32) * qb.to(tl.float32) * (_pair_coef(a, b, BD) * from_start)[None, :]
+    S_pub = S + pub * D * e
+    for n in tl.range(0, NBLK, num_stages=STAGES):
+        r = (split + n * SPLIT) * R + tl.arange(0, R)
+        mr = r < D
+        i, j = _pair_of_row(tl.minimum(r, D - 1), d)
+        St = tl.load(S_pub + r[:, None] * e + re[None, :], mask=mr[:, None] & me[None, :],
+                     other=0.0)
+        zt = tl.load(z + pub * D + r, mask=mr, other=0.0)
+        mq = mj[:, None] & mr[None, :]
+        qi = tl.load(qrows[:, None] + i[None, :], mask=mq, other=0.0).to(tl.float32)
+        qj = tl.load(qrows[:, None] + j[None, :], mask=mq, other=0.0).to(tl.float32)
+        phi = qi * qj * (tl.where(i < j, SQRT2, 1.0) * from_start)[None, :]
         num += tl.dot(phi, St, input_precision=PRECISION)
         den += tl.sum(phi * zt[None, :], axis=1)
 
