@@ -36,10 +36,11 @@ from power_retention.ops.triton import host, kernels  # noqa: E402
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 INTS = {"Hk", "Hq", "Hx", "d", "e", "D", "SEQS", "L", "T", "held", "cap", "H", "N", "M"}
-INDEX = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_indices": "*i32"}
+INDEX = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_indices": "*i32",
+         "counters": "*i32"}
 INPUTS = {"q", "k", "v", "x", "o", "do", "dq", "dk", "dv", "bk", "bv", "q_out", "k_out", "cos",
           "sin", "res", "w", "out", "total", "gate", "up", "wq", "wk", "wv", "wg", "wu", "bq",
-          "bu"}
+          "bu", "bias"}
 
 
 def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
@@ -110,10 +111,13 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
     yield fused._silu_mul_kernel, dict(BLOCK=1024)
     yield fused._log_sigmoid_kernel, dict(BLOCK=1024)
     yield fused._rope_kernel, dict(HALF=d // 2, HQP=32, HKP=8)
-    skinny = dict(K=2048, HAS_BIAS=True, PB=fused.PAIR_BLOCK, BM=16, BK=fused.K_BLOCK,
-                  STAGES=fused.STAGES, PREC=precision)
-    yield fused._qkv_kernel, dict(HAS_GATE=True, HALF=d // 2, GP=16, **skinny)
-    yield fused._gate_up_kernel, skinny
+    for splits in (1, 4):                       # K = 2048: at most 4 splits (fused._launch)
+        skinny = dict(K=2048, HAS_BIAS=True, PB=fused.PAIR_BLOCK, BM=16, BK=fused.K_BLOCK,
+                      KS=2048 // splits, SPLITK=splits, WS=splits * 2 * 16 * 32,
+                      STAGES=fused.STAGES, PREC=precision)
+        yield fused._qkv_kernel, dict(HAS_GATE=True, HALF=d // 2, GP=16, **skinny)
+        yield fused._gate_up_kernel, skinny
+        yield fused._linear_kernel, dict(HAS_RES=True, **skinny)
 
 
 def main() -> None:

@@ -263,10 +263,11 @@ def case_fused_generation_ops():
 
 
 def case_fused_projections():
-    """``fused.project_qkv`` and ``fused.gate_up_silu`` (a decode step's products in one
-    launch each) against PyTorch's linears, RoPE, log-sigmoid and silu * up in float64, float32
-    and float16, with and without biases, one row and several (``K`` over three blocks, GQA
-    4/2, head size 64: one block of 32 column pairs per head, or two of 16 past 16 rows)."""
+    """``fused.project_qkv``, ``fused.gate_up_silu`` and ``fused.linear`` (a decode step's
+    products in one launch each) against PyTorch's linears, RoPE, log-sigmoid, silu * up and
+    residual add in float64: float32 and float16, with and without biases, one row and several
+    (GQA 4/2, head size 64: one block of 32 column pairs per head, or two of 16 past 16 rows),
+    each tile's K (1,600: 13 blocks) in one program or split over three."""
     _host()
     import torch.nn.functional as F
     from torch import nn
@@ -274,12 +275,12 @@ def case_fused_projections():
     from power_retention.model import fused
     from power_retention.model.rope import apply_rope
     gen = torch.Generator().manual_seed(12)
-    K, Hq, Hk, d, N = 300, 4, 2, 64, 40
+    K, Hq, Hk, d, N = 1600, 4, 2, 64, 40
 
-    def linear(n_out, bias, dtype):
-        lin = nn.Linear(K, n_out, bias=bias)
+    def linear(n_in, n_out, bias, dtype):
+        lin = nn.Linear(n_in, n_out, bias=bias)
         with torch.no_grad():
-            lin.weight.copy_(torch.randn(n_out, K, generator=gen) / K ** 0.5)
+            lin.weight.copy_(torch.randn(n_out, n_in, generator=gen) / n_in ** 0.5)
             if bias:
                 lin.bias.copy_(torch.randn(n_out, generator=gen))
         return lin.to(dtype)
@@ -288,20 +289,25 @@ def case_fused_projections():
         return F.linear(x.double(), lin.weight.double(),
                         None if lin.bias is None else lin.bias.double())
     errors = {}
-    for dtype, bias, (B, T) in [(torch.float32, True, (3, 1)), (torch.float32, False, (3, 7)),
-                                (torch.float16, True, (1, 1))]:
-        tag = f"_{str(dtype)[6:]}_bias{int(bias)}_{B}x{T}"
-        q_proj, k_proj, v_proj = (linear(n, bias, dtype) for n in (Hq * d, Hk * d, Hk * d))
-        g_proj = linear(Hk, True, dtype)
-        gate_proj, up_proj = linear(N, bias, dtype), linear(N, bias, dtype)
+    for dtype, bias, (B, T), splits in [(torch.float32, True, (3, 1), 1),
+                                        (torch.float32, False, (3, 7), 3),
+                                        (torch.float16, True, (1, 1), 3)]:
+        tag = f"_{str(dtype)[6:]}_bias{int(bias)}_{B}x{T}_split{splits}"
+        q_proj, k_proj, v_proj = (linear(K, n, bias, dtype) for n in (Hq * d, Hk * d, Hk * d))
+        g_proj = linear(K, Hk, True, dtype)
+        gate_proj, up_proj = linear(K, N, bias, dtype), linear(K, N, bias, dtype)
+        down_proj = linear(N, K, bias, dtype)
         x = torch.randn(B, T, K, generator=gen).to(dtype)
         angles = torch.randn(B, T, d // 2, generator=gen).repeat(1, 1, 2)
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         with torch.no_grad():
             takes = fused.linears_fusable(x, q_proj, k_proj, v_proj) and fused.qkv_supported(
                 q_proj, Hq, cos, x)
-            q, k, v, g = fused.project_qkv(x, q_proj, k_proj, v_proj, g_proj, cos, sin, Hq, Hk)
-            mlp = fused.gate_up_silu(x, gate_proj, up_proj)
+            q, k, v, g = fused.project_qkv(x, q_proj, k_proj, v_proj, g_proj, cos, sin, Hq, Hk,
+                                           splits=splits)
+            mlp = fused.gate_up_silu(x, gate_proj, up_proj, splits=splits)
+            back = fused.linear(x, q_proj, splits=splits)
+            added = fused.linear(mlp, down_proj, residual=x, splits=1)
         errors["taken" + tag] = float(not takes)
         c64, s64 = cos.double(), sin.double()
         errors["q" + tag] = rel_err(q, apply_rope(ref(q_proj, x).view(B, T, Hq, d), c64, s64))
@@ -309,10 +315,14 @@ def case_fused_projections():
         errors["v" + tag] = rel_err(v, ref(v_proj, x).view(B, T, Hk, d))
         errors["log_gate" + tag] = rel_err(g, F.logsigmoid(ref(g_proj, x)))
         errors["gate_up_silu" + tag] = rel_err(mlp, F.silu(ref(gate_proj, x)) * ref(up_proj, x))
+        errors["linear" + tag] = rel_err(back, ref(q_proj, x))
+        errors["linear_residual" + tag] = rel_err(added, x.double() + ref(down_proj, mlp))
         errors["dtypes" + tag] = float(q.dtype != dtype or v.dtype != dtype
-                                       or g.dtype != torch.float32 or mlp.dtype != dtype)
-    too_many = torch.zeros(fused.MAX_ROWS + 1, 1, K, dtype=torch.float32)
-    with torch.no_grad():
+                                       or g.dtype != torch.float32 or mlp.dtype != dtype
+                                       or added.dtype != dtype)
+    with torch.no_grad():       # the split-K counters are all back at 0 after the launches
+        errors["counters_reset"] = float(fused._SCRATCH[x.device][1].abs().sum())
+        too_many = torch.zeros(fused.MAX_ROWS + 1, 1, K, dtype=torch.float32)
         errors["prefill_keeps_cublas"] = float(fused.linears_fusable(too_many, q_proj.float()))
     return errors
 

@@ -91,7 +91,7 @@ def test_kernels_compile_for_hopper(dtype):
         "scan_kernel", "output_fwd_kernel", "dq_kernel", "dkv_kernel",
         "prepare_bwd_kernel", "decode_kernel", "decode_finish_kernel", "_rms_norm_kernel",
         "_silu_mul_kernel", "_log_sigmoid_kernel", "_rope_kernel", "_qkv_kernel",
-        "_gate_up_kernel"}
+        "_gate_up_kernel", "_linear_kernel"}
     assert all(1 <= int(row[4]) <= 255 for row in rows), result.stdout
 
 
@@ -368,8 +368,9 @@ def test_gpu_fused_generation_ops_match_pytorch():
 @gpu
 @needs_cuda
 def test_gpu_fused_projections_match_pytorch():
-    """``fused.project_qkv`` and ``fused.gate_up_silu`` in bf16 at the 1.1B model's sizes
-    (hidden 2048, 32 / 8 heads of 64, MLP 8192), 1, 16 and 64 rows, against float64: within a
+    """``fused.project_qkv``, ``fused.gate_up_silu`` and ``fused.linear`` (with the residual
+    add) in bf16 at the 1.1B model's sizes (hidden 2048, 32 / 8 heads of 64, MLP 8192), 1, 16
+    and 64 rows, K split as the launches choose and in one program, against float64: within a
     few bf16 roundings."""
     from torch import nn
 
@@ -381,23 +382,28 @@ def test_gpu_fused_projections_match_pytorch():
         return nn.Linear(2048, n_out, bias=bias, device="cuda", dtype=torch.bfloat16)
     q_proj, k_proj, v_proj, g_proj = linear(2048), linear(512), linear(512), linear(8, True)
     gate_proj, up_proj = linear(8192), linear(8192)
+    down_proj = nn.Linear(8192, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
     errors = {}
-    for rows in (1, 16, 64):
+    for rows, splits in [(1, None), (16, None), (64, None), (16, 1)]:
         x = torch.randn(rows, 1, 2048, device="cuda").bfloat16()
         angles = torch.rand(rows, 1, 32, device="cuda").mul(1e4).repeat(1, 1, 2)
         cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
         with torch.no_grad():
             assert fused.linears_fusable(x, q_proj, k_proj, v_proj, gate_proj)
-            q, k, v, g = fused.project_qkv(x, q_proj, k_proj, v_proj, g_proj, cos, sin, 32, 8)
-            mlp = fused.gate_up_silu(x, gate_proj, up_proj)
+            q, k, v, g = fused.project_qkv(x, q_proj, k_proj, v_proj, g_proj, cos, sin, 32, 8,
+                                           splits=splits)
+            mlp = fused.gate_up_silu(x, gate_proj, up_proj, splits=splits)
+            out = fused.linear(mlp, down_proj, x, splits=splits)
 
         x64 = x.double()
         ref = {name: F.linear(x64, lin.weight.double(),
                               None if lin.bias is None else lin.bias.double())
                for name, lin in [("q", q_proj), ("k", k_proj), ("v", v_proj), ("g", g_proj),
                                  ("gate", gate_proj), ("up", up_proj)]}
+        ref["out"] = x64 + F.linear(mlp.double(), down_proj.weight.double())
         c64, s64 = cos.double(), sin.double()
-        errors[rows] = {
+        errors[rows, splits] = {
+            "down_plus_residual": rel_err(out, ref["out"]),
             "q": rel_err(q, apply_rope(ref["q"].view(rows, 1, 32, 64), c64, s64)),
             "k": rel_err(k, apply_rope(ref["k"].view(rows, 1, 8, 64), c64, s64)),
             "v": rel_err(v, ref["v"].view(rows, 1, 8, 64)),

@@ -85,15 +85,24 @@ class MLP(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.silu = config.hidden_act == "silu"
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.gated:
-            if self.silu and fused.linears_fusable(x, self.gate_proj, self.up_proj):
-                return self.down_proj(fused.gate_up_silu(x, self.gate_proj, self.up_proj))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The MLP of ``x``, plus ``residual`` when given. Generating on a GPU it is two
+        launches: gate and up with ``silu(gate) * up``, then the last product with the add."""
+        if not self.gated:
+            h, last = self.act(self.c_fc(x)), self.c_proj
+        elif self.silu and fused.linears_fusable(x, self.gate_proj, self.up_proj):
+            h, last = fused.gate_up_silu(x, self.gate_proj, self.up_proj), self.down_proj
+        else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-            if self.silu and fused.fusable(gate, up):        # generating: one kernel
-                return self.down_proj(fused.silu_mul(gate, up))
-            return self.down_proj(self.act(gate) * up)
-        return self.c_proj(self.act(self.c_fc(x)))
+            if self.silu and fused.fusable(gate, up):        # generating, beyond 64 rows
+                h, last = fused.silu_mul(gate, up), self.down_proj
+            else:
+                h, last = self.act(gate) * up, self.down_proj
+        if fused.linears_fusable(h, last) and (residual is None or (
+                residual.dtype == h.dtype and fused.fusable(residual))):
+            return fused.linear(h, last, residual)
+        out = last(h)
+        return out if residual is None else residual + out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +301,7 @@ class PowerRetentionBlock(GradientCheckpointingLayer):
         else:
             hidden_states = hidden_states + attended
             normed = self.post_attention_layernorm(hidden_states)
-        return hidden_states + self.mlp(normed)
+        return self.mlp(normed, hidden_states)
 
 
 class PowerRetentionPreTrainedModel(PreTrainedModel):
