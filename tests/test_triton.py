@@ -413,6 +413,25 @@ def test_gpu_fused_projections_match_pytorch():
     assert all(err < 8e-3 for row in errors.values() for err in row.values()), errors
 
 
+def test_split_k_scratch_grows_outside_graph_capture_only(monkeypatch):
+    """The split-K scratch of ``model.fused``: reused while large enough, grown otherwise with
+    the outgrown one kept alive (graphs captured with it still write there), and never grown
+    during CUDA-graph capture (the launch then does not split)."""
+    pytest.importorskip("triton")
+    from power_retention.model import fused
+    monkeypatch.setattr(fused, "_SCRATCH", {})
+    monkeypatch.setattr(fused, "_OUTGROWN", [])
+    cpu = torch.device("cpu")
+    first = fused._scratch(cpu, 100, 4)
+    assert first[0].numel() == 100 and first[1].tolist() == [0, 0, 0, 0]
+    assert fused._scratch(cpu, 50, 2) is first
+    grown = fused._scratch(cpu, 200, 3)
+    assert grown[0].numel() == 200 and grown[1].numel() == 4
+    assert len(fused._OUTGROWN) == 1 and fused._OUTGROWN[0] is first
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert fused._scratch(torch.device("cuda", 0), 10, 1) is None
+
+
 def test_fused_steps_only_where_nothing_is_differentiated(monkeypatch):
     """``model.fused`` takes GPU tensors (here: the interpreter's stand-in) outside autograd
     and ``torch.compile``, and nothing when ``POWER_RETENTION_IMPL=torch``; CPU tensors

@@ -249,43 +249,49 @@ if triton is not None:
                      mask=(rm < M)[:, None] & mg[None, :] & last)
 
     @triton.jit
+    def _row_tile(x, w1, w2, scratch, counters, M, N, K: tl.constexpr, TWO: tl.constexpr,
+                  PB: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
+                  SPLITK: tl.constexpr, WS: tl.constexpr, STAGES: tl.constexpr,
+                  PREC: tl.constexpr):
+        """Tile ``program_id(0)``: weight rows ``PB tile ..`` of ``N`` against ``x``, K split
+        and added (``_products``, ``_add_splits``). Returns the sums, the rows, and the mask of
+        the ``[BM, PB]`` outputs this program stores (none unless it added the splits)."""
+        tile = tl.program_id(0)
+        rows = tile * PB + tl.arange(0, PB)
+        mn = rows < N
+        a, b = _products(x, w1, w2, rows, rows, mn, mn, M, K, TWO, BM, BK, KS, STAGES, PREC)
+        a, b, last = _add_splits(a, b, scratch, counters, tile, TWO, SPLITK, WS)
+        return a, b, rows, (tl.arange(0, BM) < M)[:, None] & mn[None, :] & last
+
+    @triton.jit
     def _gate_up_kernel(x, wg, wu, bg, bu, out, scratch, counters, M, N, K: tl.constexpr,
                         HAS_BIAS: tl.constexpr, PB: tl.constexpr, BM: tl.constexpr,
                         BK: tl.constexpr, KS: tl.constexpr, SPLITK: tl.constexpr,
                         WS: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr):
         """Columns ``PB tile ..`` of ``silu(x @ wg^T + bg) * (x @ wu^T + bu)``, rounded where
         the PyTorch path rounds (each product, silu, the product of the two)."""
-        tile = tl.program_id(0)
-        rows = tile * PB + tl.arange(0, PB)
-        mn = rows < N
-        a, b = _products(x, wg, wu, rows, rows, mn, mn, M, K, True, BM, BK, KS, STAGES, PREC)
-        a, b, last = _add_splits(a, b, scratch, counters, tile, True, SPLITK, WS)
+        a, b, rows, mask = _row_tile(x, wg, wu, scratch, counters, M, N, K, True, PB, BM, BK,
+                                     KS, SPLITK, WS, STAGES, PREC)
         ty = out.dtype.element_ty
-        gate = _bias_round(a, bg, rows, mn, HAS_BIAS, ty)
-        up = _bias_round(b, bu, rows, mn, HAS_BIAS, ty)
+        gate = _bias_round(a, bg, rows, rows < N, HAS_BIAS, ty)
+        up = _bias_round(b, bu, rows, rows < N, HAS_BIAS, ty)
         s = (gate * tl.sigmoid(gate)).to(ty).to(tl.float32)
-        rm = tl.arange(0, BM)
-        tl.store(out + rm.to(tl.int64)[:, None] * N + rows[None, :], (s * up).to(ty),
-                 mask=(rm < M)[:, None] & mn[None, :] & last)
+        rm = tl.arange(0, BM).to(tl.int64)
+        tl.store(out + rm[:, None] * N + rows[None, :], (s * up).to(ty), mask=mask)
 
     @triton.jit
     def _linear_kernel(x, w, bias, res, out, scratch, counters, M, N, K: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PB: tl.constexpr,
                        BM: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
                        SPLITK: tl.constexpr, WS: tl.constexpr, STAGES: tl.constexpr,
-                    PREC: tl.constexpr):
+                       PREC: tl.constexpr):
         """Columns ``PB tile ..`` of ``x @ w^T + bias`` rounded to out's dtype, and with
         ``HAS_RES`` that plus ``res`` rounded again (a residual add after the product)."""
-        tile = tl.program_id(0)
-        rows = tile * PB + tl.arange(0, PB)
-        mn = rows < N
-        a, _ = _products(x, w, w, rows, rows, mn, mn, M, K, False, BM, BK, KS, STAGES, PREC)
-        a, _, last = _add_splits(a, a, scratch, counters, tile, False, SPLITK, WS)
+        a, _, rows, mask = _row_tile(x, w, w, scratch, counters, M, N, K, False, PB, BM, BK,
+                                     KS, SPLITK, WS, STAGES, PREC)
         ty = out.dtype.element_ty
-        a = _bias_round(a, bias, rows, mn, HAS_BIAS, ty)
-        rm = tl.arange(0, BM)
-        where = rm.to(tl.int64)[:, None] * N + rows[None, :]
-        mask = (rm < M)[:, None] & mn[None, :] & last
+        a = _bias_round(a, bias, rows, rows < N, HAS_BIAS, ty)
+        where = tl.arange(0, BM).to(tl.int64)[:, None] * N + rows[None, :]
         if HAS_RES:
             a += tl.load(res + where, mask=mask, other=0.0).to(tl.float32)
         tl.store(out + where, a.to(ty), mask=mask)
@@ -371,6 +377,7 @@ MAX_ROWS = 64
 PAIR_BLOCK, K_BLOCK, STAGES, MAX_SPLITS = 32, 128, 3, 8
 
 _SCRATCH: dict[torch.device, tuple[Tensor, Tensor]] = {}
+_OUTGROWN: list[tuple[Tensor, Tensor]] = []
 
 
 def _precision(x: Tensor) -> str:
@@ -385,15 +392,17 @@ def _scratch(device: torch.device, floats: int, tiles: int):
     """The device's split-K scratch: fp32 partial sums (at least ``floats``) and int32 counters
     (at least ``tiles``, 0 between launches: the last program of a tile resets its own). None
     when it would have to grow during CUDA-graph capture (the caller then does not split; graph
-    steps are warmed up eagerly first, which sizes it). The launches of a device share it, so
-    they must not run concurrently on two streams."""
+    steps are warmed up eagerly first, which sizes it). An outgrown scratch is kept alive:
+    graphs captured with it still write there when replayed. The launches of a device share
+    it, so they must not run concurrently on two streams."""
     have = _SCRATCH.get(device)
     if have is not None and have[0].numel() >= floats and have[1].numel() >= tiles:
         return have
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
-    floats = max(floats, 0 if have is None else have[0].numel())
-    tiles = max(tiles, 0 if have is None else have[1].numel())
+    if have is not None:
+        _OUTGROWN.append(have)
+        floats, tiles = max(floats, have[0].numel()), max(tiles, have[1].numel())
     _SCRATCH[device] = (torch.empty(floats, dtype=torch.float32, device=device),
                         torch.zeros(tiles, dtype=torch.int32, device=device))
     return _SCRATCH[device]
