@@ -252,6 +252,9 @@ def test_gpu_packed_sequences_with_empty_segment():
         assert _within(errors, dtype), f"seq {n}: {errors}"
 
 
+ONE_MILLION_PEAK = 96 * 2**30        # bytes the 1M-token forward + backward need (94.9 GiB peak)
+
+
 @torch.no_grad()
 def _sampled_reference(q, k, v, log_gate, positions, window):
     """fp64 outputs at ``positions`` from the attention form over the ``window`` tokens before
@@ -273,6 +276,13 @@ def _sampled_reference(q, k, v, log_gate, positions, window):
 @needs_cuda
 @pytest.mark.parametrize("gate_shift", [7.0, 0.0], ids=["gates-near-1", "fast-decay"])
 def test_gpu_one_million_tokens(gate_shift):
+    # forward + backward at 1M tokens peaks at 94.9 GiB (docs/benchmarks.md, run 21): the
+    # chunk states of the backward's scans are 36 GiB each. An 80 GB H100 cannot hold them
+    # (run 34), so this test needs a GPU with more memory (the H200's 141 GB)
+    total = torch.cuda.get_device_properties(0).total_memory
+    if total < ONE_MILLION_PEAK:
+        pytest.skip(f"1M tokens forward + backward need about {ONE_MILLION_PEAK / 2**30:.0f} GiB; "
+                    f"this GPU has {total / 2**30:.0f} GiB")
     T, H, d = 1 << 20, 16, 64
     gen = torch.Generator(device="cuda").manual_seed(11)
     q = torch.randn(1, T, H, d, device="cuda", generator=gen, dtype=torch.bfloat16)
