@@ -219,11 +219,13 @@ def time_decode(model, cache, context: int, batch: int, args) -> dict:
         # the transformer's captured step hit a device-side index assert under the profiler
         # (2026-11-29, torch 2.11), so only power retention's steps are profiled
         if args.profile and graphable(model):
-            result["profile"] = profile_steps(step, warmup + args.steps)
+            # one whole buffer cycle, so the step that folds the buffer counts once in it
+            result["profile"] = profile_steps(step, warmup + args.steps,
+                                              model.config.decode_chunk_size)
     return result
 
 
-def profile_steps(step, first: int, steps: int = 8) -> dict:
+def profile_steps(step, first: int, steps: int) -> dict:
     """Kernels per decode step and their GPU time (torch.profiler's CUDA activity, which also
     records the kernels a CUDA graph replays): what a step spends beyond its kernels' own time
     is launch gaps."""

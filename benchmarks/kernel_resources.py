@@ -86,9 +86,13 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
     tiling = {"BD": host.BD, "KP": host.KP, "NB": d // host.BD}
     EP = max(16, triton.next_power_of_2(e))
     for C in chunks:
-        # the scans forward (keys, values, an initial state) and reverse (queries, dy, dy_z)
-        directions = [dict(REVERSE=False, HAS_INIT=True, HAS_Y1=False, y1=None),
-                      dict(REVERSE=True, HAS_INIT=True, HAS_Y1=True)]
+        # the scans forward (keys, values, an initial state) and reverse (queries, dy, dy_z),
+        # and the forward one that keeps only the final state (folding a decoding buffer)
+        directions = [dict(REVERSE=False, HAS_INIT=True, HAS_Y1=False, y1=None,
+                           STORE_STATES=True),
+                      dict(REVERSE=True, HAS_INIT=True, HAS_Y1=True, STORE_STATES=True),
+                      dict(REVERSE=False, HAS_INIT=True, HAS_Y1=False, y1=None,
+                           STORE_STATES=False)]
         for way in directions:
             for BE in blocks:
                 yield kernels.scan_kernel, dict(C=C, BE=BE, GROUPS=1, LOOP_FOR=True, **way,

@@ -44,23 +44,22 @@ def make_state(N, Hk, d, e, deg=2, *, dtype=torch.float64, seed=1, tokens=5) -> 
 
 
 def decode_with_slots(q, k, v, g, state, capacity):
-    """Decode token by token as a cache does: each token written into a preallocated buffer of
-    ``capacity`` slots by ``power_retention_decode_into``, the buffer folded into the state by
-    ``power_retention_decode`` when it would fill. Returns ``(o, state, slots, held)``."""
-    from power_retention import DecodeBuffer, power_retention_decode, power_retention_decode_into
+    """Decode token by token as the model's cache does: each token written into a preallocated
+    buffer of ``capacity`` slots by ``power_retention_decode_into``, the buffer folded into the
+    state in place by ``power_retention_fold`` when it is full. Returns ``(o, state, slots,
+    held)``."""
+    from power_retention import DecodeBuffer, power_retention_decode_into, power_retention_fold
     B, T, Hk, d = k.shape
+    state = RetentionState(state.S.clone(), state.z.clone())     # the caller's is left as is
     gate_dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
     slots = DecodeBuffer(k.new_zeros(B, capacity, Hk, d), v.new_zeros(B, capacity, Hk, v.shape[3]),
                          torch.zeros(B, capacity, Hk, dtype=gate_dtype, device=k.device))
     outs, held = [], 0
     for i in range(T):
         step = [None if x is None else x[:, i:i + 1] for x in (q, k, v, g)]
-        if held + 1 < capacity:
-            outs.append(power_retention_decode_into(*step, state, slots, held))
-            held += 1
-        else:
-            buffer = DecodeBuffer(*(x[:, :held] for x in slots))
-            o, state, _ = power_retention_decode(*step, state, buffer, chunk_size=capacity)
-            outs.append(o)
+        outs.append(power_retention_decode_into(*step, state, slots, held))
+        held += 1
+        if held == capacity:
+            power_retention_fold(state, slots, out=state)
             held = 0
     return torch.cat(outs, 1), state, slots, held

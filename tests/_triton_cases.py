@@ -164,8 +164,8 @@ def case_public_api_autograd():
 
 
 def case_decode():
-    """Token-by-token decoding through ``power_retention_decode`` (the Triton step, and the
-    PyTorch fold every ``chunk_size`` tokens) equals the whole-sequence reference."""
+    """Token-by-token decoding through ``power_retention_decode`` (the decode kernel, and the
+    scan folding the buffer every ``chunk_size`` tokens) equals the whole-sequence reference."""
     _host()
     from power_retention import power_retention_decode
     q, k, v, g = make_inputs(2, 21, 4, 2, 16, 8, dtype=torch.float32, seed=5)
@@ -217,6 +217,36 @@ def case_decode_into_wide_values():
     """e > 64: blocks of 32 state rows, four programs per sequence x KV head, each streaming
     every fourth of the 17 blocks (the last block and the last program's fifth masked)."""
     return _decode_into(1, 11, 2, 1, 32, 72, torch.float32, capacity=4, seed=10)
+
+
+def _fold(B, L, Hk, d, e, dtype, gated, in_place, seed) -> dict[str, float]:
+    """``power_retention_fold`` on the scan kernel against the float64 final state."""
+    _host()
+    from power_retention import power_retention_fold
+    _, k, v, g = make_inputs(B, L, Hk, Hk, d, e, dtype=dtype, gated=gated, seed=seed)
+    g = torch.zeros(B, L, Hk) if g is None else g
+    st = make_state(B, Hk, d, e, seed=seed + 1)
+    state = RetentionState(st.S.float(), st.z.float())
+    kept = RetentionState(state.S.clone(), state.z.clone())
+    _, ref = attention_reference(k.double(), k.double(), v.double(), g.double(), initial_state=st)
+    folded = power_retention_fold(state, DecodeBuffer(k, v, g), out=state if in_place else None)
+    errors = {"S": rel_err(folded.S, ref.S), "z": rel_err(folded.z, ref.z)}
+    if in_place:
+        errors["not_in_place"] = float(folded.S.data_ptr() != state.S.data_ptr())
+    else:
+        errors["input_changed"] = float(not torch.equal(state.S, kept.S))
+    return errors
+
+
+def case_fold_in_place_wide_values():
+    """In place (``out=state``, as the model's cache under CUDA graphs): two blocks of value
+    columns (e = 72) and two chunks of 64 (70 tokens)."""
+    return _fold(2, 70, 2, 16, 72, torch.float32, True, in_place=True, seed=11)
+
+
+def case_fold_fp16_ungated():
+    """Into new tensors, float16, zero log gates, one masked chunk of 32 (21 tokens)."""
+    return _fold(1, 21, 2, 32, 8, torch.float16, False, in_place=False, seed=12)
 
 
 def case_fused_generation_ops():

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from power_retention import DecodeBuffer, RetentionState, power_retention, power_retention_decode
+from power_retention import (
+    DecodeBuffer,
+    RetentionState,
+    power_retention,
+    power_retention_decode,
+    power_retention_fold,
+)
 
 from _helpers import decode_with_slots, make_inputs, make_state, rel_err
 
@@ -42,9 +48,26 @@ def test_prefill_then_decode():
     o, state, buffer = _stream(q[:, 30:], k[:, 30:], v[:, 30:], g[:, 30:], state, 1, 8)
     assert rel_err(o, ref[:, 30:]) < 1e-12
     # folding the remaining buffer reproduces the parallel final state
-    folded = power_retention(buffer.k.new_zeros(2, buffer.k.shape[1], 4, 4), buffer.k, buffer.v,
-                             buffer.log_gate, initial_state=state, output_final_state=True)[1]
+    folded = power_retention_fold(state, buffer)
     assert rel_err(folded.S, ref_state.S) < 1e-12 and rel_err(folded.z, ref_state.z) < 1e-12
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_fold_equals_final_state_of_the_op(gated):
+    """``power_retention_fold`` returns the state after the buffered tokens; with ``out`` it
+    writes it there (``out=state``: in place), and an empty buffer leaves the state as it is."""
+    q, k, v, g = make_inputs(T=11, Hq=4, Hk=2, d=4, e=3, gated=gated)
+    init = make_state(2, 2, 4, 3)
+    _, ref = power_retention(q, k, v, g, initial_state=init, output_final_state=True)
+    gate = torch.zeros(2, 11, 2, dtype=torch.float64) if g is None else g
+    buffer = DecodeBuffer(k, v, gate)
+    folded = power_retention_fold(init, buffer)
+    assert rel_err(folded.S, ref.S) < 1e-12 and rel_err(folded.z, ref.z) < 1e-12
+    state = RetentionState(init.S.clone(), init.z.clone())
+    assert power_retention_fold(state, buffer, out=state) is state
+    assert rel_err(state.S, ref.S) < 1e-12 and rel_err(state.z, ref.z) < 1e-12
+    empty = power_retention_fold(init, DecodeBuffer(*(x[:, :0] for x in buffer)))
+    assert torch.equal(empty.S, init.S) and torch.equal(empty.z, init.z)
 
 
 def test_decode_memory_is_constant():

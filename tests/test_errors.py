@@ -11,6 +11,7 @@ from power_retention import (
     power_retention,
     power_retention_decode,
     power_retention_decode_into,
+    power_retention_fold,
 )
 
 from _helpers import make_inputs, make_state
@@ -149,3 +150,19 @@ def test_decode_into_errors(inputs):
         power_retention_decode_into(q, k, v, g, state, slots._replace(v=slots.v.half()), 0)
     with pytest.raises(ValueError, match=r"buffer.log_gate must have shape \[B, capacity, Hk\]"):
         power_retention_decode_into(q, k, v, g, state, slots._replace(log_gate=g), 0)
+
+
+def test_fold_errors(inputs):
+    _, k, v, g = inputs
+    state = RetentionState.zeros(1, 2, 4, 3)
+    buffer = DecodeBuffer(k, v, g)
+    with pytest.raises(TypeError, match="buffer must be a DecodeBuffer"):
+        power_retention_fold(state, (k, v, g))
+    with pytest.raises(ValueError, match=r"state.S must have shape \[N, Hk, D, e\] = \(1, 2, 10"):
+        power_retention_fold(RetentionState.zeros(2, 2, 4, 3), buffer)
+    with pytest.raises(TypeError, match=r"out.S must be torch.float32 for torch.float32 inputs"):
+        power_retention_fold(state, buffer, out=RetentionState(*(x.double() for x in state)))
+    with pytest.raises(ValueError, match=r"buffer.log_gate must have shape \[B, L, Hk\]"):
+        power_retention_fold(state, buffer._replace(log_gate=g[:, :3]))
+    with pytest.raises(ValueError, match="deg must be"):
+        power_retention_fold(state, buffer, deg=0)

@@ -41,6 +41,8 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "decode_ungated_with_buffer": torch.float32,
     "decode_into_gqa": torch.float16,
     "decode_into_wide_values": torch.float32,
+    "fold_in_place_wide_values": torch.float32,
+    "fold_fp16_ungated": torch.float16,
     "fused_generation_ops": torch.float16,
     "fused_projections": torch.float16,
     "model_generation_fused": torch.float32,

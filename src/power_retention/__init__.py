@@ -7,6 +7,7 @@ from .ops import (
                   power_retention,
                   power_retention_decode,
                   power_retention_decode_into,
+                  power_retention_fold,
                   recurrent_reference,
                   state_bytes,
                   sympow_dim,
@@ -16,5 +17,5 @@ from .ops import (
 __version__ = "0.1.0"
 
 __all__ = ["DecodeBuffer", "RetentionState", "attention_reference", "power_retention",
-           "power_retention_decode", "power_retention_decode_into", "recurrent_reference",
-           "state_bytes", "sympow_dim", "sympow_embed"]
+           "power_retention_decode", "power_retention_decode_into", "power_retention_fold",
+           "recurrent_reference", "state_bytes", "sympow_dim", "sympow_embed"]

@@ -3,7 +3,9 @@
 norms and MLP -> time mixing (power retention, softmax, sliding window or gated linear) ->
 block -> model -> causal-LM head. A layer reads and writes its slot of a
 :class:`~power_retention.model.cache.PowerRetentionCache` when one is passed: prefill (several
-tokens) goes through the chunked op, each generated token through ``power_retention_decode``.
+tokens) goes through the chunked op, each generated token through
+``power_retention_decode_into`` (into the cache's buffer) and, when that fills the buffer,
+``power_retention_fold``.
 
 Padding (left padding in batched generation) is the ``attention_mask``: masked positions of
 power/linear layers get a zero key feature (``phi(0) = 0`` for power retention; linear attention
@@ -25,8 +27,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from power_retention.ops import (
     RetentionState,
     power_retention,
-    power_retention_decode,
     power_retention_decode_into,
+    power_retention_fold,
     state_bytes,
 )
 
@@ -221,15 +223,13 @@ class PowerRetentionAttention(nn.Module):
                 state = RetentionState.zeros(B, self.num_kv_heads, self.head_dim,
                                              self.head_dim, self.deg, device=q.device,
                                              dtype=gate_dtype)
-            if layer.buffer_len + 1 < layer.buffer_capacity:     # written in place, no fold
-                o = power_retention_decode_into(q, k, v, log_gate, state, layer.slots(k, v),
-                                                layer.buffer_len, deg=self.deg)
-                layer.appended(state)
-                return o
-            o, state, buffer = power_retention_decode(
-                q, k, v, log_gate, state, layer.buffer, deg=self.deg,
-                chunk_size=self.config.decode_chunk_size)
-            layer.update(state, buffer, n)
+            slots = layer.slots(k, v)                  # the token is written into its slot
+            o = power_retention_decode_into(q, k, v, log_gate, state, slots, layer.buffer_len,
+                                            deg=self.deg)
+            layer.appended(state)
+            if layer.buffer_len == layer.buffer_capacity:    # full: fold it into the state
+                out = state if layer.in_place else None
+                layer.update(power_retention_fold(state, slots, deg=self.deg, out=out), None, 0)
             return o
         # several tokens (prefill, or a later piece): the chunked path from the folded state
         o, state = power_retention(q, k, v, log_gate, deg=self.deg,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_decode_inputs, check_decode_into_inputs, check_inputs
+from .checks import check_decode_inputs, check_decode_into_inputs, check_fold_inputs, check_inputs
 from .chunk import chunk_forward, chunk_forward_varlen, compute_dtype, default_chunk_size
-from .decode import decode_attend, decode_step, gate_zeros
+from .decode import decode_attend, decode_step, fold, gate_zeros
 from .state import DecodeBuffer, RetentionState, sympow_dim
 
 try:                                        # the Triton kernels (CUDA, deg 2: see supported)
@@ -174,9 +174,9 @@ def power_retention_decode(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | N
     """
     deg, scale = check_decode_inputs(q, k, v, log_gate, state, buffer, deg, scale, chunk_size)
     held = 0 if buffer is None else buffer.k.shape[1]
-    # the Triton kernel answers single-token steps that do not fill the buffer; a step that
-    # folds the buffer into the state (once every chunk_size tokens) runs the PyTorch path
-    if q.shape[1] == 1 and held + 1 < chunk_size and _use_triton(q, v, deg):
+    # single-token steps take the Triton kernels: the decode kernel, and the scan when the
+    # step fills the buffer (once every chunk_size tokens) and folds it into the state
+    if q.shape[1] == 1 and _use_triton(q, v, deg):
         gate = (log_gate if log_gate is not None else gate_zeros(k)).float()
         if buffer is None:
             new = DecodeBuffer(k.contiguous(), v.contiguous(), gate.contiguous())
@@ -185,6 +185,9 @@ def power_retention_decode(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | N
                                torch.cat([buffer.log_gate.float(), gate], 1))
         # the kernel writes the new token into slot `held` of `new`, where it already is
         o = _triton_ops.decode_into(q, k, v, gate, state.S, state.z, *new, held, scale)
+        if held + 1 >= chunk_size:
+            state = _fold(state, new, deg, None)
+            new = DecodeBuffer(*(x[:, :0] for x in new))
         return o, state, new
     return decode_step(q, k, v, log_gate, state, buffer, deg=deg, scale=scale,
                        chunk_size=chunk_size)
@@ -200,8 +203,8 @@ def power_retention_decode_into(q: Tensor, k: Tensor, v: Tensor, log_gate: Tenso
     slots are in use. The ``n`` new tokens are written into slots ``held .. held + n - 1`` and
     ``o [B, n, Hq, e]`` is returned: their outputs against ``state`` and all ``held + n``
     buffered tokens. Nothing is folded and nothing is allocated but ``o``, so a CUDA graph can
-    capture the step; fold a full buffer with :func:`power_retention_decode` (passing its
-    first ``held`` slots as ``buffer``). On a GPU a single-token step is two kernel launches.
+    capture the step; fold the buffer into the state with :func:`power_retention_fold` when it
+    is full. On a GPU a single-token step is two kernel launches.
     """
     deg, scale = check_decode_into_inputs(q, k, v, log_gate, state, buffer, held, deg, scale)
     gate = (log_gate if log_gate is not None else gate_zeros(k)).to(buffer.log_gate.dtype)
@@ -212,3 +215,37 @@ def power_retention_decode_into(q: Tensor, k: Tensor, v: Tensor, log_gate: Tenso
         slots[:, held:end].copy_(new)
     return decode_attend(q, buffer.k[:, :end], buffer.v[:, :end], buffer.log_gate[:, :end],
                          state, deg=deg, scale=scale)
+
+
+def power_retention_fold(state: RetentionState, buffer: DecodeBuffer, *, deg: int = 2,
+                         out: RetentionState | None = None) -> RetentionState:
+    """Fold the tokens of ``buffer`` into ``state``: the state after them, as
+    :func:`power_retention` with ``initial_state=state, output_final_state=True`` returns it.
+
+    ``buffer`` holds ``k [B, L, Hk, d]``, ``v [B, L, Hk, e]``, ``log_gate [B, L, Hk]`` (a full
+    decoding buffer, or the slots in use of a preallocated one); ``state`` is ``[B, ...]``.
+    With ``out`` (``state`` itself, say) the result is written there, allocating nothing but
+    the scan's bookkeeping, so a CUDA graph can capture the step that folds. On a GPU this is
+    one launch of the forward scan.
+    """
+    deg = check_fold_inputs(state, buffer, deg, out)
+    return _fold(state, buffer, deg, out)
+
+
+def _fold(state: RetentionState, buffer: DecodeBuffer, deg: int,
+          out: RetentionState | None) -> RetentionState:
+    k, v, log_gate = buffer
+    if _use_triton(k, v, deg):
+        S, z = state.S.contiguous(), state.z.contiguous()
+        target = out
+        if out is None or not (out.S.is_contiguous() and out.z.is_contiguous()):
+            target = RetentionState(torch.empty_like(S), torch.empty_like(z))
+        _triton_ops.fold(k.contiguous(), v.contiguous(), log_gate.float().contiguous(), S, z,
+                         *target)
+    else:
+        target = fold(state, k, v, log_gate, deg=deg)
+    if out is not None and target.S is not out.S:
+        out.S.copy_(target.S)
+        out.z.copy_(target.z)
+        return out
+    return target

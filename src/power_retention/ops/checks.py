@@ -168,9 +168,27 @@ def check_decode_into_inputs(q, k, v, log_gate, state, buffer, held, deg, scale)
                         f"{type(held).__name__}")
     if not 0 <= held <= capacity - n:
         raise ValueError(f"held + new tokens must fit the buffer: held = {held}, {n} new, "
-                         f"capacity {capacity} (fold the buffer with power_retention_decode "
-                         f"before it overflows)")
+                         f"capacity {capacity} (fold the buffer with power_retention_fold "
+                         f"when it is full)")
     return deg, scale
+
+
+def check_fold_inputs(state, buffer, deg, out) -> int:
+    """Validate the arguments of ``power_retention_fold``; returns ``deg``."""
+    if not isinstance(buffer, DecodeBuffer):
+        raise TypeError(f"buffer must be a DecodeBuffer(k, v, log_gate), got "
+                        f"{type(buffer).__name__}")
+    k, v = buffer.k, buffer.v
+    for name, x in (("k", k), ("v", v)):
+        _tensor(f"buffer.{name}", x, 4)
+    deg, _ = check_inputs(k, k, v, None, deg, None, None, None, None)
+    B, _, Hk, d = k.shape
+    _check_buffer(buffer, k, k, v, "L")
+    for name in ("state", "out"):
+        x = state if name == "state" else out
+        if x is not None:
+            check_state(name, x, B, Hk, sympow_dim(d, deg), v.shape[-1], k)
+    return deg
 
 
 def _check_buffer(buffer, q, k, v, length: str) -> int:

@@ -49,15 +49,23 @@ def decode_step(q, k, v, log_gate, state, buffer, *, deg, scale, chunk_size):
         log_gate = torch.cat([buffer.log_gate.to(log_gate.dtype), log_gate], 1)
     o = decode_attend(q, k, v, log_gate, state, deg=deg, scale=scale)
     if k.shape[1] >= chunk_size:                        # fold the buffer into the state
-        dt = compute_dtype(q.dtype)
-        G = log_gate.to(dt).cumsum(1).transpose(1, 2)                  # [B, Hk, L]
-        G_end = G[..., -1:]
-        phi_k = sympow_embed(k.to(dt).transpose(1, 2), deg) * torch.exp(G_end - G).unsqueeze(-1)
-        Sz = (torch.exp(G_end).unsqueeze(-1) * _state_with_z(state, dt)
-              + phi_k.transpose(-1, -2) @ _with_ones(v.to(dt).transpose(1, 2)))
-        state = RetentionState(Sz[..., :-1].to(state.S.dtype), Sz[..., -1].to(state.z.dtype))
+        state = fold(state, k, v, log_gate, deg=deg)
         k, v, log_gate = k[:, :0], v[:, :0], log_gate[:, :0]
     return o, state, DecodeBuffer(k, v, log_gate)
+
+
+def fold(state, k, v, log_gate, *, deg):
+    """The state after the tokens ``k [B, L, Hk, d]``, ``v [B, L, Hk, e]``, ``log_gate
+    [B, L, Hk]`` (of a decoding buffer), starting from ``state``."""
+    if k.shape[1] == 0:
+        return state
+    dt = compute_dtype(k.dtype)
+    G = log_gate.to(dt).cumsum(1).transpose(1, 2)                  # [B, Hk, L]
+    G_end = G[..., -1:]
+    phi_k = sympow_embed(k.to(dt).transpose(1, 2), deg) * torch.exp(G_end - G).unsqueeze(-1)
+    Sz = (torch.exp(G_end).unsqueeze(-1) * _state_with_z(state, dt)
+          + phi_k.transpose(-1, -2) @ _with_ones(v.to(dt).transpose(1, 2)))
+    return RetentionState(Sz[..., :-1].to(state.S.dtype), Sz[..., -1].to(state.z.dtype))
 
 
 def gate_zeros(k):

@@ -140,7 +140,7 @@ def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, reverse: bool,
         return states, zstates, S_out, z_out
     meta = dict(GROUPS=groups, C=C, BD=BD, KP=KP, NB=NB, REVERSE=reverse,
                 USE_GATE=g is not None, HAS_INIT=S_in is not None, HAS_Y1=y1 is not None,
-                **_flags(x.dtype))
+                STORE_STATES=True, **_flags(x.dtype))
     # one program per (tile, block of value columns, sequence x KV head); the tuning bucket
     # SEQS (sequences x KV heads, a power of two <= 256) separates batch-1 scans from batches
     BE = min(64, _pow2(e))
@@ -289,6 +289,31 @@ def decode_into(q, k, v, log_gate, S, z, buffer_k, buffer_v, buffer_log_gate, he
     if split > 1:
         kernels.decode_finish_kernel[(B * Hq,)](out, o, e, NT=split, NTP=_pow2(split), EP=EP)
     return o
+
+
+def fold(k, v, log_gate, S, z, S_out, z_out) -> None:
+    """Fold a decoding buffer into the state: ``S_out, z_out`` (``[B, Hk, D, e]``,
+    ``[B, Hk, D]``, float32; they may be ``S, z`` themselves) become the state after the
+    tokens ``k [B, L, Hk, d]``, ``v [B, L, Hk, e]``, ``log_gate [B, L, Hk]`` (contiguous) from
+    ``S, z``. One forward scan of ``B`` sequences of ``L`` tokens that keeps only the final
+    state, in one fixed configuration: it runs inside captured decode steps (so no autotuning,
+    whose repeated launches would fold the buffer more than once in place) and is small."""
+    B, L, Hk, d = k.shape
+    e = v.shape[3]
+    if not B * L:
+        if S_out.data_ptr() != S.data_ptr():
+            S_out.copy_(S)
+            z_out.copy_(z)
+        return
+    C = min(_pow2(L), 64)
+    lay = _Layout(B, L, None, C, k.device)
+    NB, BE = d // BD, min(64, _pow2(e))
+    extra = {} if INTERPRET else {"num_warps": 4, "num_stages": 2}
+    kernels.scan_kernel[(NB * (NB + 1) // 2, triton.cdiv(e, BE), B * Hk)](
+        _flat(k), _flat(v), None, _flat(log_gate), S, z, S_out, z_out, S_out, z_out, lay.cu,
+        lay.chunk_offsets, 1.0, Hk, Hk, d, e, d * (d + 1) // 2, 1, GROUPS=1, C=C, BD=BD, KP=KP,
+        NB=NB, BE=BE, REVERSE=False, USE_GATE=True, HAS_INIT=True, HAS_Y1=False,
+        STORE_STATES=False, LOOP_FOR=not INTERPRET, **_flags(k.dtype), **extra)
 
 
 # ---- chunk-size choice: timed once per shape bucket and GPU, cached in a JSON file ----
