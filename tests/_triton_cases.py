@@ -131,6 +131,41 @@ def case_fp32_packed_no_state():
     return check_op(1, 45, 2, 2, 16, 16, torch.float32, with_state=False, cu=[0, 0, 17, 45])
 
 
+def _in_pieces(tokens: int, *args, **kwargs) -> dict[str, float]:
+    """``check_op`` with calls cut into pieces of ``tokens`` (``host.PIECE_TOKENS``: what a call
+    too large for the GPU's memory gets), counting the kernel passes."""
+    host = _host()
+    passes = {"forward": 0, "backward": 0}
+    originals = host._run_forward, host._run_backward
+
+    def counted(name, fn):
+        def run(*a):
+            passes[name] += 1
+            return fn(*a)
+        return run
+    host._run_forward = counted("forward", originals[0])
+    host._run_backward = counted("backward", originals[1])
+    host.PIECE_TOKENS = tokens
+    try:
+        errors = check_op(*args, **kwargs)
+    finally:
+        host.PIECE_TOKENS = None
+        host._run_forward, host._run_backward = originals
+    errors["one_pass"] = float(min(passes.values()) < 3)
+    return errors
+
+
+def case_fp32_pieces_packed_state():
+    """Packed sequences (one empty) with initial states in pieces of 16 tokens: sequences cut
+    across pieces carry their state, and the gradient of it back."""
+    return _in_pieces(16, 1, 60, 2, 1, 16, 8, torch.float32, cu=[0, 20, 20, 53, 60])
+
+
+def case_fp16_pieces_batch_no_state():
+    """A batch of two odd-length sequences without initial states, in pieces of 16 tokens."""
+    return _in_pieces(16, 2, 37, 4, 2, 16, 8, torch.float16, with_state=False)
+
+
 def case_public_api_autograd():
     """``power_retention`` dispatches to the kernels (counted) and matches the reference through
     autograd, initial and final state included."""

@@ -5,9 +5,11 @@ copy for contiguous inputs); a batch of ``B`` equal-length sequences is packed a
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -123,30 +125,34 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, reverse: bool,
-          coef_scale: float = 1.0, groups: int = 1, st_dtype: torch.dtype):
+          coef_scale: float = 1.0, groups: int = 1, st_dtype: torch.dtype,
+          store_states: bool = True):
     """One scan across the chunks: forward (``x, y = k, v``; the chunk states and the final
     state) or reverse (``x, y, y1 = q, dy, dy_z``; the gradients of the state at every chunk's
-    end and of the initial state). Returns ``states [chunks, Hk, NT, F, e]``, ``zstates`` and
-    ``S_out [N, Hk, D, e]``, ``z_out``."""
+    end and of the initial state). Returns ``states [chunks, Hk, NT, F, e]``, ``zstates`` (None
+    without ``store_states``) and ``S_out [N, Hk, D, e]``, ``z_out``."""
     Hx, d, e = x.shape[1], x.shape[2], y.shape[2]
     Hk = Hx // groups
     NB, D = d // BD, d * (d + 1) // 2
     NT, F = NB * (NB + 1) // 2, BD * BD
-    states = _empty(lay.n_chunks, Hk, NT, F, e, dtype=st_dtype, device=x.device)
-    zstates = _empty(lay.n_chunks, Hk, NT, F, dtype=torch.float32, device=x.device)
     S_out = _empty(lay.N, Hk, D, e, dtype=torch.float32, device=x.device)
     z_out = _empty(lay.N, Hk, D, dtype=torch.float32, device=x.device)
+    states = zstates = None
+    if store_states:
+        states = _empty(lay.n_chunks, Hk, NT, F, e, dtype=st_dtype, device=x.device)
+        zstates = _empty(lay.n_chunks, Hk, NT, F, dtype=torch.float32, device=x.device)
     if not lay.N:
         return states, zstates, S_out, z_out
     meta = dict(GROUPS=groups, C=C, BD=BD, KP=KP, NB=NB, REVERSE=reverse,
                 USE_GATE=g is not None, HAS_INIT=S_in is not None, HAS_Y1=y1 is not None,
-                STORE_STATES=True, **_flags(x.dtype))
+                STORE_STATES=store_states, **_flags(x.dtype))
     # one program per (tile, block of value columns, sequence x KV head); the tuning bucket
     # SEQS (sequences x KV heads, a power of two <= 256) separates batch-1 scans from batches
     BE = min(64, _pow2(e))
     seqs = min(256, triton.next_power_of_2(lay.N * Hk))
     scan[(NT, triton.cdiv(e, BE), lay.N * Hk)](
-        x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, lay.cu, lay.chunk_offsets,
+        x, y, y1, g, S_in, z_in, S_out if states is None else states,
+        z_out if zstates is None else zstates, S_out, z_out, lay.cu, lay.chunk_offsets,
         coef_scale, Hx, Hk, d, e, D, seqs, BE=BE, LOOP_FOR=not INTERPRET, **meta)
     return states, zstates, S_out, z_out
 
@@ -200,16 +206,32 @@ def _chunk(chunk_size, q, *args, for_backward: bool = False) -> int:
 def forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale: float, chunk_size: int | None = None):
     """``(o [B,T,Hq,e], S [N,Hk,D,e], z [N,Hk,D], den [B,T,Hq])``; arguments as
     ``power_retention``'s, the initial state split into ``S0, z0`` (or None). ``chunk_size``
-    None picks a tuned one. ``den`` (fp32 denominators) lets ``backward`` skip the outputs."""
+    None picks a tuned one. ``den`` (fp32 denominators) lets ``backward`` skip the outputs.
+    A call whose chunk states would not fit the GPU runs in pieces (``_passes``)."""
     C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale)
-    return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C)
+    passes = _passes(q, k, v, cu_seqlens, C, buffers=1)
+    if passes is None:
+        return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C)
+    return _forward_in_pieces(q, k, v, log_gate, S0, z0, passes, scale, C)
 
 
 def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scale: float,
              chunk_size: int | None = None):
     """Gradients ``dq, dk, dv, dlog_gate, dS0, dz0`` (None for absent inputs), given
-    ``forward``'s ``o`` and ``den``; the chunk states are recomputed rather than stored."""
+    ``forward``'s ``o`` and ``den``; the chunk states are recomputed rather than stored. A call
+    whose chunk states (two sets: the scan and the reverse scan) would not fit the GPU runs in
+    pieces (``_passes``)."""
     C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale, for_backward=True)
+    passes = _passes(q, k, v, cu_seqlens, C, buffers=2)
+    if passes is None:
+        return _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
+                             scale, C)
+    return _backward_in_pieces(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, passes, o, den,
+                               scale, C)
+
+
+def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scale: float,
+                  C: int):
     B, T, Hq, d = q.shape
     Hk, e = k.shape[2], v.shape[3]
     NB, EP = d // BD, _pow2(e)
@@ -255,6 +277,178 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scal
     shape = lambda x, ref: x.view(ref.shape)  # noqa: E731
     return (shape(dq, q), shape(dk, k), shape(dv, v), dg,
             None if S0 is None else dS0, None if z0 is None else dz0)
+
+
+# ---- calls too large for the GPU's memory: pieces of the token range, the state carried ----
+
+PIECE_TOKENS: int | None = None   # tests set it: pieces of this many tokens, whatever the size
+
+
+class _Pass(NamedTuple):
+    """One kernel pass of a call run in pieces: tokens ``[a, b)`` of the packed call, holding
+    sequences ``first ..`` as segments between ``bounds`` (absolute). A pass that ``resumes``
+    holds one segment, the rest of a sequence cut at the pass before, and starts from the state
+    carried across the cut; the last segment of a pass that ``continues`` goes on in the next
+    pass. Every other segment is a whole sequence, so the user's initial state (or none)
+    applies to it: that keeps ``HAS_INIT`` the same for all segments of a pass."""
+    a: int
+    b: int
+    first: int
+    bounds: list[int]
+    resumes: bool
+    continues: bool
+
+
+def _passes(q, k, v, cu_seqlens, C: int, buffers: int) -> list[_Pass] | None:
+    """The passes of a call whose ``buffers`` sets of chunk states (and the per-token buffers
+    of one pass) would not fit the memory the GPU has free, or None to run it in one pass.
+    Pieces hold equal numbers of tokens, as many as fit in 80% of that memory (``PIECE_TOKENS``
+    overrides the rule, on any device); cuts inside a sequence fall on its chunk boundaries, so
+    every chunk is the one a single pass would run."""
+    B, T, Hq, d = q.shape
+    Hk, e = k.shape[2], v.shape[3]
+    total = B * T
+    if PIECE_TOKENS is not None:
+        pieces = -(-total // PIECE_TOKENS)
+    else:
+        if not q.is_cuda or not total or torch.cuda.is_current_stream_capturing():
+            return None
+        NB, size = d // BD, q.element_size()
+        st_bytes = 2 if q.dtype == torch.bfloat16 else 4
+        per_chunk = buffers * Hk * NB * (NB + 1) // 2 * BD * BD * (e * st_bytes + 4)
+        # o and den (forward); dy, dy_z, dq, dk, dv and the gates' parts (backward)
+        per_token = (Hq * (e * size + 4) if buffers == 1 else
+                     Hq * (e * st_bytes + 8 + d * size) + Hk * ((d + e) * size + 4))
+        sequences = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        need = (total / C + sequences) * per_chunk + total * per_token
+        if need <= 0.25 * torch.cuda.get_device_properties(q.device).total_memory:
+            return None                               # the common case: no query at all
+        free = torch.cuda.mem_get_info(q.device)[0] + (
+            torch.cuda.memory_reserved(q.device) - torch.cuda.memory_allocated(q.device))
+        if need <= 0.8 * free:
+            return None
+        tokens = int(0.8 * free / (per_chunk / C + 2 * per_token))   # the full outputs too
+        pieces = -(-total // max(C, tokens))
+    P = -(-total // (pieces * C)) * C                 # equal pieces of whole chunks
+    bounds = (list(range(0, total + 1, T)) if cu_seqlens is None
+              else [int(x) for x in cu_seqlens.tolist()])
+    cuts = [0]
+    while cuts[-1] + P < total:
+        end = cuts[-1] + P
+        bos = bounds[bisect.bisect_right(bounds, end) - 1]    # the sequence holding `end`
+        # a chunk boundary of it; past the last cut, which either lies on one of its chunk
+        # boundaries (then this is P further) or before the sequence
+        cuts.append(bos + (end - bos) // C * C)
+    cuts.append(total)
+    # each sequence's segments, piece by piece (an empty sequence where it sits)
+    segments = [[] for _ in cuts[1:]]
+    for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
+        i = min(bisect.bisect_right(cuts, bos) - 1, len(segments) - 1)
+        while True:
+            end = min(eos, cuts[i + 1])
+            segments[i].append((n, max(bos, cuts[i]), end))
+            if end == eos:
+                break
+            i += 1
+    passes = []
+    for segs in segments:
+        n, start, end = segs[0]
+        if start > bounds[n]:                         # the rest of a sequence cut before
+            passes.append(_Pass(start, end, n, [start, end], True, end < bounds[n + 1]))
+            segs = segs[1:]
+        if segs:
+            first, last = segs[0][0], segs[-1][0]
+            passes.append(_Pass(segs[0][1], segs[-1][2], first,
+                                [s for _, s, _ in segs] + [segs[-1][2]], False,
+                                segs[-1][2] < bounds[last + 1]))
+    return passes
+
+
+def _pass_state(p: _Pass, S0, z0, carried):
+    """The initial state of pass ``p``: the carried one, the user's rows, or None."""
+    if p.resumes:
+        return carried
+    if S0 is None:
+        return None, None
+    last = p.first + len(p.bounds) - 1
+    return S0[p.first:last], z0[p.first:last]
+
+
+def _pass_inputs(p: _Pass, *xs):
+    """Views of the packed inputs over pass ``p`` (batch 1) and its ``cu_seqlens``."""
+    cu = torch.tensor([x - p.a for x in p.bounds], dtype=torch.int64, device=xs[0].device)
+    return [None if x is None else x[p.a:p.b].unsqueeze(0) for x in xs] + [cu]
+
+
+def _forward_in_pieces(q, k, v, g, S0, z0, passes: list[_Pass], scale: float, C: int):
+    B, T, Hq, _ = q.shape
+    Hk, D, e = k.shape[2], q.shape[3] * (q.shape[3] + 1) // 2, v.shape[3]
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    gf = None if g is None else _flat(g)
+    N = passes[-1].first + len(passes[-1].bounds) - 1
+    o = _empty(B * T, Hq, e, dtype=q.dtype, device=q.device)
+    den = _empty(B * T, Hq, dtype=torch.float32, device=q.device)
+    S_T = _empty(N, Hk, D, e, dtype=torch.float32, device=q.device)
+    z_T = _empty(N, Hk, D, dtype=torch.float32, device=q.device)
+    carried = None
+    for p in passes:
+        S0p, z0p = _pass_state(p, S0, z0, carried)
+        *xs, cu = _pass_inputs(p, qf, kf, vf, gf)
+        op, Sp, zp, denp = _run_forward(*xs, S0p, z0p, cu, scale, C)
+        o[p.a:p.b], den[p.a:p.b] = op[0], denp[0]
+        ended = len(p.bounds) - 1 - p.continues          # segments that end their sequence
+        S_T[p.first:p.first + ended], z_T[p.first:p.first + ended] = Sp[:ended], zp[:ended]
+        carried = (Sp[-1:], zp[-1:]) if p.continues else None
+    return o.view(B, T, Hq, e), S_T, z_T, den.view(B, T, Hq)
+
+
+def _backward_in_pieces(do, dS_T, dz_T, q, k, v, g, S0, z0, passes: list[_Pass], o, den,
+                        scale: float, C: int):
+    """The passes in reverse, each carrying the gradient of the state at its start to the pass
+    before; the state entering each resuming pass comes first, from forward scans of the
+    segments that continue (without chunk states: about a sixth of the work of a backward)."""
+    B, T, Hq, _ = q.shape
+    st_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    qf, kf, vf, dof, of = _flat(q), _flat(k), _flat(v), _flat(do), _flat(o)
+    gf = None if g is None else _flat(g)
+    denf = den.reshape(B * T, Hq)
+    entering, carried = [], None
+    for p in passes:
+        entering.append(carried)
+        carried = None
+        if p.continues:
+            S0p, z0p = _pass_state(p, S0, z0, entering[-1])
+            start = p.bounds[-2]
+            if S0p is not None:
+                S0p, z0p = S0p[-1:], z0p[-1:]
+            lay = _Layout(1, p.b - start, None, C, q.device)
+            xs = [None if x is None else x[start:p.b] for x in (kf, vf, gf)]
+            _, _, S, z = _scan(xs[0], xs[1], None, xs[2], S0p, z0p, lay, C, reverse=False,
+                               st_dtype=st_dtype, store_states=False)
+            carried = (S, z)
+    grads = [_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (qf, kf, vf)]
+    grads.append(None if g is None else torch.empty_like(gf))
+    grads += [None, None] if S0 is None else [torch.empty_like(S0), torch.empty_like(z0)]
+    carried = None
+    for p, entry in zip(reversed(passes), reversed(entering)):
+        S0p, z0p = _pass_state(p, S0, z0, entry)
+        last = p.first + len(p.bounds) - 1
+        dSp, dzp = dS_T[p.first:last], dz_T[p.first:last]
+        if p.continues:
+            dSp, dzp = torch.cat([dSp[:-1], carried[0]]), torch.cat([dzp[:-1], carried[1]])
+        *views, cu = _pass_inputs(p, dof, qf, kf, vf, gf, of, denf)
+        part = _run_backward(views[0], dSp, dzp, *views[1:5], S0p, z0p, cu, *views[5:], scale,
+                             C)
+        for full, x in zip(grads[:4], part[:4]):
+            if full is not None:
+                full[p.a:p.b] = x[0]
+        if p.resumes:
+            carried = part[4:]
+        elif S0 is not None:
+            grads[4][p.first:last], grads[5][p.first:last] = part[4], part[5]
+    shape = lambda x, ref: None if x is None else x.view(ref.shape)  # noqa: E731
+    return (shape(grads[0], q), shape(grads[1], k), shape(grads[2], v), shape(grads[3], g),
+            grads[4], grads[5])
 
 
 def decode_into(q, k, v, log_gate, S, z, buffer_k, buffer_v, buffer_log_gate, held: int,
