@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from power_retention import DecodeBuffer, RetentionState, power_retention, power_retention_decode
@@ -131,15 +133,50 @@ def test_equal_lengths_laid_out_from_the_shape_as_packed(B, T, C):
         assert torch.equal(getattr(batch, name), getattr(packed, name)), name
 
 
+@settings(max_examples=300, deadline=None)
+@given(lengths=st.lists(st.sampled_from([0, 1, 5, 16, 17, 40, 100]), min_size=1, max_size=6),
+       C=st.sampled_from([16, 32]), chunks=st.integers(1, 5))
+def test_pieces_cover_every_token_once_cutting_on_chunk_boundaries(lengths, C, chunks):
+    """``host._passes``: consecutive passes cover the packed tokens once; every sequence is
+    whole or cut on its chunk boundaries, a pass that resumes one holds it alone and follows
+    the pass it continues; each sequence ends in exactly one pass."""
+    pytest.importorskip("triton")
+    from power_retention.ops.triton import host
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    assume(bounds[-1] > 0)
+    x = torch.zeros(1, bounds[-1], 1, 16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(host, "PIECE_TOKENS", chunks * C)
+        passes = host._passes(x, x, x, torch.tensor(bounds), C, buffers=1)
+    at, ended = 0, []
+    for i, p in enumerate(passes):
+        assert p.a == at == p.bounds[0] and p.bounds[-1] == p.b and p.b - p.a <= chunks * C
+        at = p.b
+        for j, (start, end) in enumerate(zip(p.bounds[:-1], p.bounds[1:])):
+            n = p.first + j
+            assert bounds[n] <= start <= end <= bounds[n + 1]
+            assert start > bounds[n] if p.resumes else start == bounds[n]
+            assert end == bounds[n + 1] or (j == len(p.bounds) - 2 and (end - bounds[n]) % C == 0)
+            if end == bounds[n + 1]:
+                ended.append(n)
+        assert not p.resumes or len(p.bounds) == 2
+        assert p.continues == (p.b < bounds[p.first + len(p.bounds) - 1])
+        if p.continues:
+            assert passes[i + 1].resumes and passes[i + 1].first == p.first + len(p.bounds) - 2
+    assert at == bounds[-1] and ended == list(range(len(lengths)))
+
+
 def test_chunk_size_capped_for_fp32_state_tiles():
     """An explicit chunk is a speed setting: fp16/fp32 inputs (fp32 state tiles) get at most 64
     tokens, whose kernels fit the GPU's shared memory (128 did not, on the H200)."""
     pytest.importorskip("triton")
     from power_retention.ops.triton import host
-    for dtype, asked, given in [(torch.float32, 128, 64), (torch.float16, 256, 64),
+    for dtype, asked, taken in [(torch.float32, 128, 64), (torch.float16, 256, 64),
                                 (torch.float32, 32, 32), (torch.bfloat16, 128, 128),
                                 (torch.bfloat16, 256, 128)]:
-        assert host._chunk(asked, torch.zeros(1, 1, 1, 64, dtype=dtype)) == given
+        assert host._chunk(asked, torch.zeros(1, 1, 1, 64, dtype=dtype)) == taken
 
 
 class _TinyRetention(nn.Module):
