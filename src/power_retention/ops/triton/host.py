@@ -320,14 +320,19 @@ def _passes(q, k, v, cu_seqlens, C: int, buffers: int) -> list[_Pass] | None:
         per_token = (Hq * (e * size + 4) if buffers == 1 else
                      Hq * (e * st_bytes + 8 + d * size) + Hk * ((d + e) * size + 4))
         sequences = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        need = (total / C + sequences) * per_chunk + total * per_token
+        # and a float32 state per sequence: the final one (forward); the final one's gradient,
+        # the initial one's and the carried one (backward)
+        per_sequence = (1 + 2 * (buffers - 1)) * Hk * d * (d + 1) // 2 * (e + 1) * 4
+        need = ((total / C + sequences) * per_chunk + total * per_token
+                + sequences * per_sequence)
         if need <= 0.25 * torch.cuda.get_device_properties(q.device).total_memory:
             return None                               # the common case: no query at all
         free = torch.cuda.mem_get_info(q.device)[0] + (
             torch.cuda.memory_reserved(q.device) - torch.cuda.memory_allocated(q.device))
         if need <= 0.8 * free:
             return None
-        tokens = int(0.8 * free / (per_chunk / C + 2 * per_token))   # the full outputs too
+        # the full-size outputs are held beside each pass's own buffers
+        tokens = int((0.8 * free - sequences * per_sequence) / (per_chunk / C + 2 * per_token))
         pieces = -(-total // max(C, tokens))
     P = -(-total // (pieces * C)) * C                 # equal pieces of whole chunks
     bounds = (list(range(0, total + 1, T)) if cu_seqlens is None
