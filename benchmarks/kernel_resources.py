@@ -89,10 +89,11 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
         # the scans forward (keys, values, an initial state) and reverse (queries, dy, dy_z),
         # and the forward one that keeps only the final state (folding a decoding buffer)
         directions = [dict(REVERSE=False, HAS_INIT=True, HAS_Y1=False, y1=None,
-                           STORE_STATES=True),
-                      dict(REVERSE=True, HAS_INIT=True, HAS_Y1=True, STORE_STATES=True),
+                           STORE_STATES=True, STORE_FINAL=True),
+                      dict(REVERSE=True, HAS_INIT=True, HAS_Y1=True, STORE_STATES=True,
+                           STORE_FINAL=True),
                       dict(REVERSE=False, HAS_INIT=True, HAS_Y1=False, y1=None,
-                           STORE_STATES=False)]
+                           STORE_STATES=False, STORE_FINAL=True)]
         for way in directions:
             for BE in blocks:
                 yield kernels.scan_kernel, dict(C=C, BE=BE, GROUPS=1, LOOP_FOR=True, **way,

@@ -54,9 +54,10 @@ def _reference(q, k, v, g, state, cu_seqlens):
 
 
 def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None, chunk=16,
-             seed=0) -> dict[str, float]:
+             final=True, seed=0) -> dict[str, float]:
     """Forward and backward of the host functions against the reference; gradients of every
-    input, the initial state included, under random output, final-state gradients."""
+    input, the initial state included, under random output, final-state gradients (without
+    ``final``: the final state not kept, its gradient zero)."""
     host = _host()
     q, k, v, g = make_inputs(B, T, Hq, Hk, d, e, dtype=dtype, gated=gated, seed=seed)
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
@@ -78,14 +79,22 @@ def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None,
     do = torch.randn(ro.shape, generator=gen, dtype=torch.float64)
     dS = torch.randn(rS.shape, generator=gen, dtype=torch.float64)
     dz = torch.randn(rz.shape, generator=gen, dtype=torch.float64)
-    torch.autograd.backward([ro, rS, rz], [do, dS, dz])
+    if final:
+        torch.autograd.backward([ro, rS, rz], [do, dS, dz])
+    else:
+        ro.backward(do)
 
     S0, z0 = (None, None) if state is None else state
     scale = d ** -0.5
-    o, S, z, den = host.forward(q, k, v, g, S0, z0, cu_seqlens, scale, chunk)
-    grads = host.backward(do.to(dtype), dS.float(), dz.float(), q, k, v, g, S0, z0, cu_seqlens,
-                          o, den, scale, chunk)
-    errors = {"o": rel_err(o, ro), "S": rel_err(S, rS), "z": rel_err(z, rz)}
+    o, S, z, den = host.forward(q, k, v, g, S0, z0, cu_seqlens, scale, chunk, final)
+    grads = host.backward(do.to(dtype), dS.float() if final else None,
+                          dz.float() if final else None, q, k, v, g, S0, z0, cu_seqlens, o,
+                          den, scale, chunk)
+    if final:
+        errors = {"o": rel_err(o, ro), "S": rel_err(S, rS), "z": rel_err(z, rz)}
+    else:
+        errors = {"o": rel_err(o, ro), "final_state_kept": float(S.shape[0] + z.shape[0])}
+        S, z = rS, rz                          # nothing of theirs to check below
     names = ["dq", "dk", "dv"] + (["dlog_gate"] if gated else []) + \
         (["dS0", "dz0"] if with_state else [])
     present = [x for x in grads if x is not None]
@@ -131,6 +140,12 @@ def case_fp32_packed_no_state():
     return check_op(1, 45, 2, 2, 16, 16, torch.float32, with_state=False, cu=[0, 0, 17, 45])
 
 
+def case_fp32_packed_no_final_state():
+    """Packed sequences with initial states whose final states are not kept (the training
+    case: no state per sequence is held, its gradient is zero)."""
+    return check_op(1, 60, 2, 1, 16, 8, torch.float32, cu=[0, 20, 20, 53, 60], final=False)
+
+
 def _in_pieces(tokens: int, *args, **kwargs) -> dict[str, float]:
     """``check_op`` with calls cut into pieces of ``tokens`` (``host.PIECE_TOKENS``: what a call
     too large for the GPU's memory gets), counting the kernel passes."""
@@ -162,8 +177,9 @@ def case_fp32_pieces_packed_state():
 
 
 def case_fp16_pieces_batch_no_state():
-    """A batch of two odd-length sequences without initial states, in pieces of 16 tokens."""
-    return _in_pieces(16, 2, 37, 4, 2, 16, 8, torch.float16, with_state=False)
+    """A batch of two odd-length sequences, no initial or final states, in pieces of 16
+    tokens: the gradients carried back across the cuts are the only ones of states."""
+    return _in_pieces(16, 2, 37, 4, 2, 16, 8, torch.float16, with_state=False, final=False)
 
 
 def case_public_api_autograd():
@@ -194,7 +210,15 @@ def case_public_api_autograd():
     errors = {"o": rel_err(o, ro), "S": rel_err(final.S, rfinal.S)}
     for name, x, r in zip(["dq", "dk", "dv", "dlog_gate", "dS0", "dz0"], leaves, ref):
         errors[name] = rel_err(x.grad, r.grad)
-    errors["triton_calls_missing"] = float(calls["forward"] != 1 or calls["backward"] != 1)
+    # without output_final_state (the forward keeps no final state, its gradient is zero)
+    for x in leaves + ref:
+        x.grad = None
+    power_retention(q, k, v, g, initial_state=RetentionState(S0, z0)).square().sum().backward()
+    attention_reference(*ref[:4], initial_state=RetentionState(ref[4], ref[5]))[0].square(
+        ).sum().backward()
+    for name, x, r in zip(["dq", "dk", "dv", "dlog_gate", "dS0", "dz0"], leaves, ref):
+        errors[name + "_no_final"] = rel_err(x.grad, r.grad)
+    errors["triton_calls_missing"] = float(calls["forward"] != 2 or calls["backward"] != 2)
     return errors
 
 

@@ -185,12 +185,16 @@ def test_one_million_tokens_slow_and_fast_decay(shift):
 
 
 @pytest.mark.parametrize("with_extras", [False, True])
-def test_custom_op_registration(with_extras):
-    """Schema, fake implementation and autograd of the custom op agree with its real kernel."""
+@pytest.mark.parametrize("final_state", [False, True])
+def test_custom_op_registration(with_extras, final_state):
+    """Schema, fake implementation and autograd of the custom op agree with its real kernel,
+    with and without the final state (``N = 0`` sequences in it when not asked for)."""
     q, k, v, g = make_inputs(B=1, T=9, Hq=2, Hk=1, d=3, e=2, requires_grad=True)
     init = make_state(2, 1, 3, 2)
     extras = ((g, init.S.requires_grad_(), init.z.requires_grad_(), torch.tensor([0, 4, 9]))
               if with_extras else (None, None, None, None))
     result = torch.library.opcheck(torch.ops.power_retention.forward.default,
-                                   (q, k, v, *extras, 2, 0.5, 4))
+                                   (q, k, v, *extras, 2, 0.5, 4, final_state))
     assert set(result.values()) == {"SUCCESS"}
+    S = torch.ops.power_retention.forward(q, k, v, *extras, 2, 0.5, 4, final_state)[1]
+    assert S.shape == ((2 if with_extras else 1) if final_state else 0, 1, 6, 2)

@@ -34,22 +34,25 @@ def _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
 @torch.library.custom_op("power_retention::forward", mutates_args=())
 def _forward(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None, S0: Tensor | None,
              z0: Tensor | None, cu_seqlens: Tensor | None, deg: int, scale: float,
-             chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(o, S, z, den)``: output, final state and the denominators ``[B, T, Hq]``, which the
-    Triton backward reuses with ``o`` instead of recomputing the outputs."""
+             chunk_size: int, final_state: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(o, S, z, den)``: output, final state (no sequences in it without ``final_state``: a
+    packed call need not hold a state per sequence) and the denominators ``[B, T, Hq]``, which
+    the Triton backward reuses with ``o`` instead of recomputing the outputs."""
     if _use_triton(q, v, deg):
         return _triton_ops.forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
-                                   chunk_size or None)
+                                   chunk_size or None, final_state)
     o, final, den = _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size)
+    kept = slice(None) if final_state else slice(0)
     # custom-op outputs may not alias inputs (an empty sequence returns its initial state)
-    return o, final.S.clone(), final.z.clone(), den
+    return o, final.S[kept].clone(), final.z[kept].clone(), den
 
 
 @_forward.register_fake
-def _(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
+def _(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size, final_state):
     B, T, Hq, d = q.shape
     Hk, e = k.shape[2], v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    N = N if final_state else 0
     D, dt = sympow_dim(d, deg), compute_dtype(q.dtype)
     return (q.new_empty(B, T, Hq, e), q.new_empty(N, Hk, D, e, dtype=dt),
             q.new_empty(N, Hk, D, dtype=dt), q.new_empty(B, T, Hq, dtype=dt))
@@ -60,9 +63,11 @@ def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tens
               log_gate: Tensor | None, S0: Tensor | None, z0: Tensor | None,
               cu_seqlens: Tensor | None, o: Tensor, den: Tensor, deg: int,
               scale: float, chunk_size: int) -> list[Tensor]:
+    final_state = grad_S.shape[0] > 0          # the forward kept it (else its gradient is 0)
     if _use_triton(q, v, deg):
-        grads = _triton_ops.backward(grad_o, grad_S, grad_z, q, k, v, log_gate, S0, z0,
-                                     cu_seqlens, o, den, scale, chunk_size or None)
+        grads = _triton_ops.backward(grad_o, grad_S if final_state else None,
+                                     grad_z if final_state else None, q, k, v, log_gate, S0,
+                                     z0, cu_seqlens, o, den, scale, chunk_size or None)
         return [g.contiguous() for g in grads if g is not None]   # as the fake promises
     # Recompute the forward and differentiate it, rather than storing its intermediates.
     # torch.func.vjp works here, where the custom op runs below the autograd dispatch key.
@@ -75,7 +80,8 @@ def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tens
         S_ = next(it) if S0 is not None else None
         z_ = next(it) if z0 is not None else None
         o_, final, _ = _run(q_, k_, v_, g_, S_, z_, cu_seqlens, deg, scale, chunk_size)
-        return o_, final.S, final.z
+        kept = slice(None) if final_state else slice(0)
+        return o_, final.S[kept], final.z[kept]
 
     _, vjp = torch.func.vjp(forward, *inputs)
     grads = vjp((grad_o, grad_S, grad_z))
@@ -100,7 +106,7 @@ def _(grad_o, grad_S, grad_z, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, deg
 def _setup_context(ctx, inputs, output):
     # o and den: the Triton backward reuses them (the PyTorch one recomputes everything)
     ctx.save_for_backward(*inputs[:7], output[0], output[3])
-    ctx.params = inputs[7:]
+    ctx.params = inputs[7:10]                   # deg, scale, chunk_size
 
 
 def _autograd_backward(ctx, grad_o, grad_S, grad_z, grad_den):
@@ -111,7 +117,7 @@ def _autograd_backward(ctx, grad_o, grad_S, grad_z, grad_den):
     dg = next(grads) if log_gate is not None else None
     dS = next(grads) if S0 is not None else None
     dz = next(grads) if z0 is not None else None
-    return dq, dk, dv, dg, dS, dz, None, None, None, None
+    return dq, dk, dv, dg, dS, dz, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -157,7 +163,8 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None = N
     deg, scale = check_inputs(q, k, v, log_gate, deg, scale, chunk_size, initial_state,
                               cu_seqlens)
     S0, z0 = (None, None) if initial_state is None else initial_state
-    o, S, z, _ = _forward(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size or 0)
+    o, S, z, _ = _forward(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size or 0,
+                          bool(output_final_state))
     return (o, RetentionState(S, z)) if output_final_state else o
 
 

@@ -126,17 +126,18 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, reverse: bool,
           coef_scale: float = 1.0, groups: int = 1, st_dtype: torch.dtype,
-          store_states: bool = True):
+          store_states: bool = True, store_final: bool = True):
     """One scan across the chunks: forward (``x, y = k, v``; the chunk states and the final
     state) or reverse (``x, y, y1 = q, dy, dy_z``; the gradients of the state at every chunk's
     end and of the initial state). Returns ``states [chunks, Hk, NT, F, e]``, ``zstates`` (None
-    without ``store_states``) and ``S_out [N, Hk, D, e]``, ``z_out``."""
+    without ``store_states``) and ``S_out [N, Hk, D, e]``, ``z_out`` (``N = 0`` without
+    ``store_final``: a packed call of many sequences need not hold a state for each)."""
     Hx, d, e = x.shape[1], x.shape[2], y.shape[2]
     Hk = Hx // groups
     NB, D = d // BD, d * (d + 1) // 2
     NT, F = NB * (NB + 1) // 2, BD * BD
-    S_out = _empty(lay.N, Hk, D, e, dtype=torch.float32, device=x.device)
-    z_out = _empty(lay.N, Hk, D, dtype=torch.float32, device=x.device)
+    S_out = _empty(lay.N if store_final else 0, Hk, D, e, dtype=torch.float32, device=x.device)
+    z_out = _empty(lay.N if store_final else 0, Hk, D, dtype=torch.float32, device=x.device)
     states = zstates = None
     if store_states:
         states = _empty(lay.n_chunks, Hk, NT, F, e, dtype=st_dtype, device=x.device)
@@ -145,7 +146,7 @@ def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, reverse: bool,
         return states, zstates, S_out, z_out
     meta = dict(GROUPS=groups, C=C, BD=BD, KP=KP, NB=NB, REVERSE=reverse,
                 USE_GATE=g is not None, HAS_INIT=S_in is not None, HAS_Y1=y1 is not None,
-                STORE_STATES=store_states, **_flags(x.dtype))
+                STORE_STATES=store_states, STORE_FINAL=store_final, **_flags(x.dtype))
     # one program per (tile, block of value columns, sequence x KV head); the tuning bucket
     # SEQS (sequences x KV heads, a power of two <= 256) separates batch-1 scans from batches
     BE = min(64, _pow2(e))
@@ -157,12 +158,13 @@ def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, reverse: bool,
     return states, zstates, S_out, z_out
 
 
-def _states(q, k, v, g, S0, z0, lay: _Layout, C: int):
+def _states(q, k, v, g, S0, z0, lay: _Layout, C: int, final_state: bool = True):
     """The forward scan: chunk states ``[chunks, Hk, NT, F, e]`` and the final state. bf16
     inputs keep the chunk states in bf16 (the products read them as bf16 anyway); fp16 ones
     keep fp32, since fp16 states would overflow over long ungated contexts."""
     st_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-    return _scan(k, v, None, g, S0, z0, lay, C, reverse=False, st_dtype=st_dtype)
+    return _scan(k, v, None, g, S0, z0, lay, C, reverse=False, st_dtype=st_dtype,
+                 store_final=final_state)
 
 
 def _outputs(q, k, v, g, states, zstates, lay: _Layout, scale: float, C: int):
@@ -178,12 +180,12 @@ def _outputs(q, k, v, g, states, zstates, lay: _Layout, scale: float, C: int):
     return o, den
 
 
-def _run_forward(q, k, v, g, S0, z0, cu_seqlens, scale, C):
+def _run_forward(q, k, v, g, S0, z0, cu_seqlens, scale, C, final_state=True):
     B, T = q.shape[:2]
     lay = _Layout(B, T, cu_seqlens, C, q.device)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     gf = None if g is None else _flat(g)
-    states, zstates, S_T, z_T = _states(qf, kf, vf, gf, S0, z0, lay, C)
+    states, zstates, S_T, z_T = _states(qf, kf, vf, gf, S0, z0, lay, C, final_state)
     o, den = _outputs(qf, kf, vf, gf, states, zstates, lay, scale, C)
     return o.view(B, T, *o.shape[1:]), S_T, z_T, den.view(B, T, -1)
 
@@ -203,22 +205,25 @@ def _chunk(chunk_size, q, *args, for_backward: bool = False) -> int:
     return pick_chunk_size(q, *args, for_backward=for_backward)
 
 
-def forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale: float, chunk_size: int | None = None):
+def forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale: float, chunk_size: int | None = None,
+            final_state: bool = True):
     """``(o [B,T,Hq,e], S [N,Hk,D,e], z [N,Hk,D], den [B,T,Hq])``; arguments as
     ``power_retention``'s, the initial state split into ``S0, z0`` (or None). ``chunk_size``
     None picks a tuned one. ``den`` (fp32 denominators) lets ``backward`` skip the outputs.
-    A call whose chunk states would not fit the GPU runs in pieces (``_passes``)."""
+    Without ``final_state`` the final state is not kept (``N = 0``). A call whose chunk states
+    would not fit the GPU runs in pieces (``_passes``)."""
     C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale)
     passes = _passes(q, k, v, cu_seqlens, C, buffers=1)
     if passes is None:
-        return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C)
-    return _forward_in_pieces(q, k, v, log_gate, S0, z0, passes, scale, C)
+        return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C, final_state)
+    return _forward_in_pieces(q, k, v, log_gate, S0, z0, passes, scale, C, final_state)
 
 
 def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scale: float,
              chunk_size: int | None = None):
     """Gradients ``dq, dk, dv, dlog_gate, dS0, dz0`` (None for absent inputs), given
-    ``forward``'s ``o`` and ``den``; the chunk states are recomputed rather than stored. A call
+    ``forward``'s ``o`` and ``den`` and the final state's gradient ``dS_T, dz_T`` (None: zero);
+    the chunk states are recomputed rather than stored. A call
     whose chunk states (two sets: the scan and the reverse scan) would not fit the GPU runs in
     pieces (``_passes``)."""
     C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale, for_backward=True)
@@ -252,10 +257,11 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
         kernels.prepare_bwd_kernel[(triton.cdiv(Ttot, BT), Hq)](
             o, dof, den, dy, dyz, Ttot, Hq, e, BT=BT, EP=EP)
 
-    dS_T, dz_T = dS_T.contiguous().float(), dz_T.contiguous().float()
+    if dS_T is not None:
+        dS_T, dz_T = dS_T.contiguous().float(), dz_T.contiguous().float()
     dstates, dzstates, dS0, dz0 = _scan(qf, dy, dyz, gf, dS_T, dz_T, lay, C, reverse=True,
                                         coef_scale=scale * scale, groups=Hq // Hk,
-                                        st_dtype=states.dtype)
+                                        st_dtype=states.dtype, store_final=S0 is not None)
 
     dq = _empty(*qf.shape, dtype=q.dtype, device=q.device)
     dk = _empty(*kf.shape, dtype=q.dtype, device=q.device)
@@ -385,7 +391,8 @@ def _pass_inputs(p: _Pass, *xs):
     return [None if x is None else x[p.a:p.b].unsqueeze(0) for x in xs] + [cu]
 
 
-def _forward_in_pieces(q, k, v, g, S0, z0, passes: list[_Pass], scale: float, C: int):
+def _forward_in_pieces(q, k, v, g, S0, z0, passes: list[_Pass], scale: float, C: int,
+                       final_state: bool):
     B, T, Hq, _ = q.shape
     Hk, D, e = k.shape[2], q.shape[3] * (q.shape[3] + 1) // 2, v.shape[3]
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
@@ -393,8 +400,9 @@ def _forward_in_pieces(q, k, v, g, S0, z0, passes: list[_Pass], scale: float, C:
     N = passes[-1].first + len(passes[-1].bounds) - 1
     o = _empty(B * T, Hq, e, dtype=q.dtype, device=q.device)
     den = _empty(B * T, Hq, dtype=torch.float32, device=q.device)
-    S_T = _empty(N, Hk, D, e, dtype=torch.float32, device=q.device)
-    z_T = _empty(N, Hk, D, dtype=torch.float32, device=q.device)
+    # the passes keep their final states (the cut ones are carried); the user gets them if asked
+    S_T = _empty(N if final_state else 0, Hk, D, e, dtype=torch.float32, device=q.device)
+    z_T = _empty(N if final_state else 0, Hk, D, dtype=torch.float32, device=q.device)
     carried = None
     for p in passes:
         S0p, z0p = _pass_state(p, S0, z0, carried)
@@ -402,7 +410,8 @@ def _forward_in_pieces(q, k, v, g, S0, z0, passes: list[_Pass], scale: float, C:
         op, Sp, zp, denp = _run_forward(*xs, S0p, z0p, cu, scale, C)
         o[p.a:p.b], den[p.a:p.b] = op[0], denp[0]
         ended = len(p.bounds) - 1 - p.continues          # segments that end their sequence
-        S_T[p.first:p.first + ended], z_T[p.first:p.first + ended] = Sp[:ended], zp[:ended]
+        if final_state:
+            S_T[p.first:p.first + ended], z_T[p.first:p.first + ended] = Sp[:ended], zp[:ended]
         carried = (Sp[-1:], zp[-1:]) if p.continues else None
     return o.view(B, T, Hq, e), S_T, z_T, den.view(B, T, Hq)
 
@@ -438,7 +447,13 @@ def _backward_in_pieces(do, dS_T, dz_T, q, k, v, g, S0, z0, passes: list[_Pass],
     for p, entry in zip(reversed(passes), reversed(entering)):
         S0p, z0p = _pass_state(p, S0, z0, entry)
         last = p.first + len(p.bounds) - 1
-        dSp, dzp = dS_T[p.first:last], dz_T[p.first:last]
+        if dS_T is not None:
+            dSp, dzp = dS_T[p.first:last], dz_T[p.first:last]
+        elif p.continues:                          # no gradient but the one carried back
+            dSp = carried[0].new_zeros(last - p.first, *carried[0].shape[1:])
+            dzp = carried[1].new_zeros(last - p.first, *carried[1].shape[1:])
+        else:
+            dSp = dzp = None
         if p.continues:
             dSp, dzp = torch.cat([dSp[:-1], carried[0]]), torch.cat([dzp[:-1], carried[1]])
         *views, cu = _pass_inputs(p, dof, qf, kf, vf, gf, of, denf)
@@ -512,7 +527,8 @@ def fold(k, v, log_gate, S, z, S_out, z_out) -> None:
         _flat(k), _flat(v), None, _flat(log_gate), S, z, S_out, z_out, S_out, z_out, lay.cu,
         lay.chunk_offsets, 1.0, Hk, Hk, d, e, d * (d + 1) // 2, 1, GROUPS=1, C=C, BD=BD, KP=KP,
         NB=NB, BE=BE, REVERSE=False, USE_GATE=True, HAS_INIT=True, HAS_Y1=False,
-        STORE_STATES=False, LOOP_FOR=not INTERPRET, **_flags(k.dtype), **extra)
+        STORE_STATES=False, STORE_FINAL=True, LOOP_FOR=not INTERPRET, **_flags(k.dtype),
+        **extra)
 
 
 # ---- chunk-size choice: timed once per shape bucket and GPU, cached in a JSON file ----

@@ -219,17 +219,17 @@ def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqle
                 GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
                 NB: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr,
                 USE_GATE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_Y1: tl.constexpr,
-                STORE_STATES: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr,
-                LOOP_FOR: tl.constexpr):
+                STORE_STATES: tl.constexpr, STORE_FINAL: tl.constexpr, BF16: tl.constexpr,
+                PREC: tl.constexpr, LOOP_FOR: tl.constexpr):
     """Sequential scan across the chunks of one (tile, e-block, sequence x KV head), forward
     (the state entering every chunk into ``states [chunks, Hk, NT, F, e]`` / ``zstates``, the
     final state into ``S_out [N, Hk, D, e]`` / ``z_out``, exact layout, from ``S_in`` or zero)
     or reverse (the gradient of the state at every chunk's end, from that of the final state
-    ``S_in`` to that of the initial one, ``S_out``). Without ``STORE_STATES`` only the final
-    state is written, and ``S_out`` may be ``S_in``: each program reads its own tile of it
-    before it writes that tile (the normaliser is written by the programs of the first value
-    block alone; what the others compute of it is discarded). ``SEQS`` is only a key of the
-    autotuner (host.py)."""
+    ``S_in`` to that of the initial one, ``S_out``). Without ``STORE_FINAL`` that last one is not
+    written (nobody asked for it). Without ``STORE_STATES`` only the final state is written,
+    and ``S_out`` may be ``S_in``: each program reads its own tile of it before it writes that
+    tile (the normaliser is written by the programs of the first value block alone; what the
+    others compute of it is discarded). ``SEQS`` is only a key of the autotuner (host.py)."""
     tile, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = pid_nh // Hk, pid_nh % Hk
     a, b = _tile_ab(tile, NB)
@@ -269,9 +269,10 @@ def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqle
                               Hk, d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf, GROUPS, C, BD,
                               KP, NT, BE, REVERSE, USE_GATE, HAS_Y1, STORE_STATES, BF16, PREC)
             i += 1
-    tl.store(S_out + pub * D * e + row[:, None] * e + re[None, :], S,
-             mask=exists[:, None] & me[None, :])
-    tl.store(z_out + pub * D + row, z, mask=exists & (pid_e == 0))
+    if STORE_FINAL:
+        tl.store(S_out + pub * D * e + row[:, None] * e + re[None, :], S,
+                 mask=exists[:, None] & me[None, :])
+        tl.store(z_out + pub * D + row, z, mask=exists & (pid_e == 0))
 
 
 @triton.jit
