@@ -86,12 +86,15 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
     tiling = {"BD": host.BD, "KP": host.KP, "NB": d // host.BD}
     EP = max(16, triton.next_power_of_2(e))
     for C in chunks:
-        # the scans forward (keys, values, an initial state) and reverse (queries, dy, dy_z),
-        # and the forward one that keeps only the final state (folding a decoding buffer)
+        # the scans forward (keys, values, an initial state) and reverse (queries, dy, dy_z;
+        # also as training runs it: no final-state gradient in, no initial one out), and the
+        # forward one that keeps only the final state (folding a decoding buffer)
         directions = [dict(REVERSE=False, HAS_INIT=True, HAS_Y1=False, y1=None,
                            STORE_STATES=True, STORE_FINAL=True),
                       dict(REVERSE=True, HAS_INIT=True, HAS_Y1=True, STORE_STATES=True,
                            STORE_FINAL=True),
+                      dict(REVERSE=True, HAS_INIT=False, HAS_Y1=True, STORE_STATES=True,
+                           STORE_FINAL=False),
                       dict(REVERSE=False, HAS_INIT=True, HAS_Y1=False, y1=None,
                            STORE_STATES=False, STORE_FINAL=True)]
         for way in directions:
