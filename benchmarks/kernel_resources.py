@@ -11,7 +11,9 @@ go through local memory. Compile errors show here too, before any GPU time is sp
     python benchmarks/kernel_resources.py --chunks 64 --warps 8 --dtype float16
 
 Prints one row per kernel and configuration: registers per thread, stack frame (bytes of
-spilled registers per thread) and shared memory.
+spilled registers per thread), shared memory, and the tensor loads inside loops that Triton's
+pipeliner prefetches (asynchronous copies issued stages ahead) against those it leaves
+synchronous (each one a full memory latency per iteration unless other warps hide it).
 """
 
 from __future__ import annotations
@@ -57,13 +59,24 @@ def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
             sig[name] = "fp32"
         elif name in INDEX:
             sig[name] = INDEX[name]
-        elif name in INPUTS:
-            sig[name] = "*" + TRITON_TYPES[dtype]
+        elif name in INPUTS or (name == "y" and not constexprs.get("REVERSE")):
+            sig[name] = "*" + TRITON_TYPES[dtype]    # the forward scan's y is v
         elif name in ("states", "dstates", "dy") or (name == "y" and constexprs.get("REVERSE")):
             sig[name] = "*" + states
         else:
             sig[name] = "*fp32"
     return sig
+
+
+def alignment(fn, sig: dict) -> dict:
+    """The specialisation a launch gives: pointers of 16-byte aligned tensors and integers that
+    are multiples of 16 (head sizes, the state's rows and heads of the standard case) are known
+    to divide by 16. Without it no load is vectorised or pipelined, so every figure would
+    describe another kernel than the one that runs."""
+    known = {name for name, ty in sig.items() if ty.startswith("*")} | {"d", "e", "D", "Hk",
+                                                                         "Hq", "Hx", "H"}
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if name in known and sig[name] != "constexpr"}
 
 
 def resources(cubin: bytes) -> tuple[int, int]:
@@ -78,6 +91,21 @@ def resources(cubin: bytes) -> tuple[int, int]:
     if not found:
         raise RuntimeError(f"no resource usage in cuobjdump's output: {out[-400:]}")
     return int(found.group(1)), int(found.group(2))
+
+
+def loop_loads(ttgir: str) -> tuple[int, int]:
+    """Tensor loads inside ``scf.for`` loops of a TTGIR listing: ``(asynchronous, plain)``."""
+    stack, prefetched, plain = [], 0, 0
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}"):
+            stack and stack.pop()
+        if any(stack):
+            prefetched += "ttg.async_copy_global_to_local" in text
+            plain += " tt.load " in text and ": tensor<" in text
+        if text.endswith("{"):
+            stack.append("scf.for" in text)
+    return prefetched, plain
 
 
 def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
@@ -144,17 +172,20 @@ def main() -> None:
     target = GPUTarget("cuda", args.arch, 32)
     print(f"{args.dtype}, d = {args.d}, e = {args.e}, sm_{args.arch}, {args.stages} stages")
     print(f"{'kernel':<20} {'C':>4} {'BE':>3} {'warps':>5} {'regs':>5} {'stack B':>8} "
-          f"{'smem KiB':>9}")
+          f"{'smem KiB':>9} {'loop loads async/plain':>23}")
     for fn, constexprs in cases(dtype, args.d, args.e, args.chunks, args.blocks):
         for warps in args.warps:
-            src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs),
-                            constexprs=constexprs)
+            sig = signature(fn, dtype, constexprs)
+            src = ASTSource(fn=fn, signature=sig, constexprs=constexprs,
+                            attrs=alignment(fn, sig))
             compiled = triton.compile(src, target=target,
                                       options={"num_warps": warps, "num_stages": args.stages})
             regs, stack = resources(compiled.asm["cubin"])
+            prefetched, plain = loop_loads(compiled.asm["ttgir"])
             print(f"{fn.__name__:<20} {constexprs.get('C', '-'):>4} "
                   f"{constexprs.get('BE', '-'):>3} {warps:>5} {regs:>5} {stack:>8} "
-                  f"{compiled.metadata.shared / 1024:>9.1f}", flush=True)
+                  f"{compiled.metadata.shared / 1024:>9.1f} {f'{prefetched}/{plain}':>23}",
+                  flush=True)
 
 
 if __name__ == "__main__":

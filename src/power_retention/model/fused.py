@@ -362,19 +362,22 @@ def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Ten
 # ---- a decode step's products: its few rows against each weight, streamed once ----------------
 
 MAX_ROWS = 64
-# Tiles: PAIR_BLOCK columns (and their RoPE partners) per program of project_qkv, as many rows
-# of the weights per program of gate_up_silu and linear; K_BLOCK of the inner size per step,
-# STAGES steps in flight, 4 warps. Streaming weights at the memory's speed takes more programs
-# than a decode step's few tiles make (q, k, v and gates of the 1.1B model: 49 tiles on 132
-# multiprocessors), so those tiles share their K among up to MAX_SPLITS programs (split-K).
-# Measured on the H200 with the weights of eight layers in turn (beyond L2), graphed, 1 / 16 /
-# 64 rows (docs/benchmarks.md, run 30): q, k, v and log-gates with RoPE 7.9 / 8.3 / 10.3 us
-# against 26.4 / 27.8 / 27.2 us for cuBLAS and the separate kernels; the MLP's gate, up and
-# silu * up 18.5 / 18.9 / 20.1 us against 23.5 / 25.0 / 26.5 us (not split: its 256 tiles
-# are enough, and splitting them was slower); the down product with the residual add 13.8 /
-# 14.1 / 15.5 us against 16.0 / 16.6 / 16.4 us. The attention's output product stays with
-# cuBLAS, which was as fast (6.4 us against 6.5 at one row, faster at 32 and 64 rows).
-PAIR_BLOCK, K_BLOCK, STAGES, MAX_SPLITS = 32, 128, 3, 8
+# Tiles: PAIR_BLOCK columns (and their RoPE partners) per program of project_qkv, as many rows of
+# the weights per program of gate_up_silu and linear; K_BLOCK of the inner size per step, STAGES
+# steps in flight, WARPS warps; a program holds the step's rows of activations rounded up to the
+# next of ROW_BLOCKS (the matrix units' 16 at least). Streaming weights at the memory's speed takes
+# more programs than a decode step's few tiles make (q, k, v and gates of the 1.1B model: 49 tiles
+# on 132 multiprocessors), so those tiles share their K among up to MAX_SPLITS programs (split-K).
+# Measured on the H200 with the weights of eight layers in turn (beyond L2), graphed, 1 / 16 / 64
+# rows (docs/benchmarks.md, run 30): q, k, v and log-gates with RoPE 7.9 / 8.3 / 10.3 us against
+# 26.4 / 27.8 / 27.2 us for cuBLAS and the separate kernels; the MLP's gate, up and silu * up 18.5 /
+# 18.9 / 20.1 us against 23.5 / 25.0 / 26.5 us (not split: its 256 tiles are enough, and splitting
+# them was slower); the down product with the residual add 13.8 / 14.1 / 15.5 us against 16.0 / 16.6
+# / 16.4 us. The attention's output product stays with cuBLAS, which was as fast (6.4 us against 6.5
+# at one row, faster at 32 and 64 rows). On the H100 at 32 rows no other setting gained more than 5%
+# (benchmarks/sweep_products.py, run 38).
+PAIR_BLOCK, K_BLOCK, STAGES, MAX_SPLITS, WARPS = 32, 128, 3, 8, 4
+ROW_BLOCKS = (16, 32, 64)
 
 _SCRATCH: dict[torch.device, tuple[Tensor, Tensor]] = {}
 _OUTGROWN: list[tuple[Tensor, Tensor]] = []
@@ -420,7 +423,7 @@ def _launch(kernel, x: Tensor, tiles: int, K: int, width: int, splits: int | Non
             if x.is_cuda else 1
         splits = round(2 * sms / tiles) if tiles < sms else 1
     splits = max(1, min(splits, MAX_SPLITS, triton.cdiv(K, 4 * K_BLOCK)))
-    BM = max(16, _pow2(_rows(x)))
+    BM = next(bm for bm in ROW_BLOCKS if bm >= _rows(x))
     per_tile = splits * 2 * BM * width
     scratch = counters = None
     if splits > 1:
@@ -433,7 +436,7 @@ def _launch(kernel, x: Tensor, tiles: int, K: int, width: int, splits: int | Non
     kernel[(tiles, splits)](
         *args, scratch=scratch, counters=counters, K=K, BM=BM, BK=K_BLOCK, KS=steps * K_BLOCK,
         SPLITK=splits, WS=per_tile, STAGES=min(STAGES, steps), PREC=_precision(x),
-        **constexprs)
+        num_warps=WARPS, **constexprs)
 
 
 def linears_fusable(x: Tensor, *linears) -> bool:
