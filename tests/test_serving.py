@@ -209,10 +209,14 @@ def test_stream_disconnect_frees_the_slot(server):
     assert health["reserved_bytes"] == 0 and health["cancelled"] == cancelled + 1
 
 
-def test_non_streaming_disconnect_frees_the_slot(server):
+def test_non_streaming_disconnect_frees_the_slot(server, monkeypatch):
     body = {"model": MODEL, "prompt": "long", "max_tokens": 400, "temperature": 0,
             "ignore_eos": True}
     cancelled = server.engine.cancelled
+    # a non-streaming request learns of the disconnect at its next poll (0.5 s): steps of at
+    # least 5 ms keep the 400 tokens running past it however fast the machine is
+    backend, step = server.engine.backend, server.engine.backend.step
+    monkeypatch.setattr(backend, "step", lambda *args: (time.sleep(0.005), step(*args))[1])
     payload = json.dumps(body).encode()
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
             f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
