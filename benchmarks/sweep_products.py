@@ -107,8 +107,7 @@ def descend(name: str, layers: list, rows: int, passes: int, bandwidth: float) -
     cublas_us = timed([torch_fn for _, torch_fn, _ in layers])
     want = [fn() for fn, *_ in layers]
     print(f"{name} at {rows} rows: weights read once at the copy bandwidth {read_us:.1f} us, "
-          f"cuBLAS path "
-          f"{cublas_us:.1f} us per layer", flush=True)
+          f"cuBLAS path {cublas_us:.1f} us per layer", flush=True)
     results, seen = [], {}
 
     def measure(setting: dict) -> float:
