@@ -73,12 +73,11 @@ def _public_rows(a, b, d, BD: tl.constexpr):
 
 
 @triton.jit
-def _column_rows(b, NB: tl.constexpr, BD: tl.constexpr):
-    """Where column ``b`` of the symmetric state lives: for ``a = 0 .. d - 1`` the tile-layout
-    row of the pair ``(min(a, b), max(a, b))`` (int64 ``[d]``) and the factor that turns the
-    row into ``F_ab`` (1 on the diagonal, ``1 / sqrt(2)`` off it, undoing ``phi``'s
-    coefficient)."""
-    a = tl.arange(0, NB * BD)
+def _pair_rows(a, b, NB: tl.constexpr, BD: tl.constexpr):
+    """Where entry ``(a, b)`` of the symmetric state lives (``a``, ``b`` broadcast together):
+    the tile-layout row of the pair ``(min(a, b), max(a, b))`` (int64) and the factor that
+    turns the row into ``F_ab`` (1 on the diagonal, ``1 / sqrt(2)`` off it, undoing
+    ``phi``'s coefficient)."""
     i = tl.minimum(a, b)
     j = tl.maximum(a, b)
     blk_i = i // BD
@@ -86,6 +85,21 @@ def _column_rows(b, NB: tl.constexpr, BD: tl.constexpr):
     tile = blk_i * NB - (blk_i * (blk_i - 1)) // 2 + blk_j - blk_i
     row = tile * (BD * BD) + (i % BD) * BD + j % BD
     return row.to(tl.int64), tl.where(a == b, 1.0, 1.0 / SQRT2)
+
+
+@triton.jit
+def _column_rows(b, NB: tl.constexpr, BD: tl.constexpr):
+    """Column ``b`` of the symmetric state: ``_pair_rows`` of ``a = 0 .. d - 1`` and ``b``."""
+    return _pair_rows(tl.arange(0, NB * BD), b, NB, BD)
+
+
+@triton.jit
+def _normaliser_matrix(zstates, base, NB: tl.constexpr, BD: tl.constexpr):
+    """The normaliser's state as the symmetric ``[d, d]`` matrix ``Z_ab`` (fp32), so that its
+    part of a gradient through the state, ``sum_b x_b Z_b``, is one product ``x @ Z``."""
+    r = tl.arange(0, NB * BD)
+    row, unphi = _pair_rows(r[:, None], r[None, :], NB, BD)
+    return tl.load(zstates + base + row) * unphi
 
 
 @triton.jit
@@ -392,16 +406,19 @@ def dq_kernel(q, k, v, g, states, zstates, dy, dyz, dq, dg_q, cu_seqlens,
 
     # through the incoming state. With F the symmetric d x d x e state (phi(x).S = sum_ab
     # x_a x_b F_ab), dq_i = 2 s^2 exp(gc_i) sum_b q_ib (F_b dy_v,i + Z_b dy_z,i): one product
-    # [C, e] @ [e, d] per column b, whose rows are gathered from the tiles; no feature
-    # gradient to add back into its indices
+    # [C, e] @ [e, d] per column b, whose rows are gathered from the tiles, and for the
+    # normaliser's part one product q @ Z after the loop; no feature gradient to add back
+    # into its indices
     grad = tl.zeros([C, DK], tl.float32)
     base = (i_c * Hk + i_h).to(tl.int64) * NT * F
     for b in range(DK):
         row, unphi = _column_rows(b, NB, BD)
-        rows = base + row
-        Fb = tl.load(states + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
-        w = _dot(dyv, tl.trans(Fb), BF16, PREC) + dy1[:, None] * tl.load(zstates + rows)[None, :]
-        grad += w * unphi[None, :] * _column(q, t, mt, i_hq, Hq, d, b)[:, None]
+        Fb = tl.load(states + (base + row)[:, None] * e + re[None, :], mask=me[None, :],
+                     other=0.0)
+        grad += (_dot(dyv, tl.trans(Fb), BF16, PREC) * unphi[None, :]
+                 * _column(q, t, mt, i_hq, Hq, d, b)[:, None])
+    Z = _normaliser_matrix(zstates, base, NB, BD)
+    grad += dy1[:, None] * tl.dot(qq.to(tl.float32), Z, input_precision=PREC)
     grad = (2.0 * scale * scale * tl.exp(gc))[:, None] * grad
     # pairs (earlier chunk or initial state, query i >= t of this chunk): by homogeneity of
     # degree 2, q_i . dq_i (state part) is twice their sum for query i
@@ -469,13 +486,16 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, 
     grad_v = to_end[:, None] * grad_v
     # and dk_j = 2 to_end_j sum_b k_jb (dF_b v_j + dZ_b), F the symmetric d x d x e state as
     # in dq_kernel: one product [C, e] @ [e, d] per column b
+    # (the normaliser's part dZ_b in one product k @ dZ after the loop)
     grad_k = tl.zeros([C, DK], tl.float32)
     for b in range(DK):
         row, unphi = _column_rows(b, NB, BD)
-        rows = base + row
-        dFb = tl.load(dstates + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
-        w = _dot(vv, tl.trans(dFb), BF16, PREC) + tl.load(dzstates + rows)[None, :]
-        grad_k += w * unphi[None, :] * _column(k, t, mt, i_h, Hk, d, b)[:, None]
+        dFb = tl.load(dstates + (base + row)[:, None] * e + re[None, :], mask=me[None, :],
+                      other=0.0)
+        grad_k += (_dot(vv, tl.trans(dFb), BF16, PREC) * unphi[None, :]
+                   * _column(k, t, mt, i_h, Hk, d, b)[:, None])
+    dZ = _normaliser_matrix(dzstates, base, NB, BD)
+    grad_k += tl.dot(kk.to(tl.float32), dZ, input_precision=PREC)
     grad_k = (2.0 * to_end)[:, None] * grad_k
     # pairs (key j < t of this chunk, later chunk or final state): k_j . dk_j (state part) is
     # twice their sum for key j; pairs (before the chunk, after it) pass the whole chunk
