@@ -190,20 +190,22 @@ def _chunk_contrib(x, y, y1, g, t, mt, i_h, Hx, Hk, d, e, a, b, ea_t, eb_t, coef
     w = tl.exp(gc) if REVERSE else tl.exp(g_last - gc)
     dS = tl.zeros([F, BE], tl.float32)
     dz = tl.zeros([F], tl.float32)
+    # the forward's normaliser, phi^T 1, on the matrix units: phi^T [1, 0, .., 0] ([C, 16])
+    first = (tl.arange(0, C)[:, None] * 0 + tl.arange(0, 16)[None, :] == 0).to(tl.float32)
     for r in range(GROUPS):
         i_x = i_h * GROUPS + r
         xa = _load_block_t(x, t, mt, i_x, Hx, d, a, KP, BD)                # [KP, C]
         xb = _load_block_t(x, t, mt, i_x, Hx, d, b, KP, BD)
-        phi_t = _dot(ea_t, xa, BF16, PREC) * _dot(eb_t, xb, BF16, PREC)      # [F, C]
-        phi_t = phi_t * coef[:, None] * w[None, :]
+        phi_t = _dot(ea_t, xa, BF16, PREC) * _dot(eb_t, xb, BF16, PREC) * w[None, :]  # [F, C]
         yy = tl.load(y + (t[:, None] * Hx + i_x) * e + re[None, :],
                      mask=mt[:, None] & me[None, :], other=0.0)
         dS += _dot(phi_t, yy, BF16, PREC)                                    # [F, C] @ [C, BE]
         if HAS_Y1:
             dz += tl.sum(phi_t * tl.load(y1 + t * Hx + i_x, mask=mt, other=0.0)[None, :], axis=1)
         else:
-            dz += tl.sum(phi_t, axis=1)
-    return dS, dz, tl.exp(g_last)
+            dz += tl.sum(_dot(phi_t, first, BF16, PREC), axis=1)
+    # the pair coefficients scale feature rows, so they apply to the sums
+    return dS * coef[:, None], dz * coef, tl.exp(g_last)
 
 
 @triton.jit
