@@ -86,7 +86,9 @@ def test_interpreted_kernels_match_reference(interpreted, case):
 def test_kernels_compile_for_hopper(dtype):
     """Every kernel compiles for sm_90 without a GPU (Triton carries ptxas), so a kernel that
     the interpreter runs but the compiler rejects fails here, not on the device; the report
-    reads each kernel's registers from the cubin."""
+    reads each kernel's registers from the cubin, and the loads that Triton prefetches in each
+    loop: every load of the forward scan's chunk loop and of a decode-step product's weight
+    stream must be (a plain load there waits a full memory latency every step)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(HERE.parent / "benchmarks" / "kernel_resources.py"), "--dtype", dtype,
@@ -100,6 +102,10 @@ def test_kernels_compile_for_hopper(dtype):
         "_silu_mul_kernel", "_log_sigmoid_kernel", "_rope_kernel", "_qkv_kernel",
         "_gate_up_kernel", "_linear_kernel"}
     assert all(1 <= int(row[4]) <= 255 for row in rows), result.stdout
+    for name in ("scan_kernel", "_gate_up_kernel"):       # their first rows: the forward scan,
+        first = next(row for row in rows if row[0] == name)       # the unsplit product
+        prefetched, plain = map(int, first[-1].split("/"))
+        assert prefetched >= 3 and plain == 0, f"{name}: {first}\n{result.stdout}"
 
 
 def test_dispatch_rule_and_env_var_forcing_the_pytorch_path(monkeypatch):
