@@ -596,6 +596,7 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, scale, held, Hk, d, e, D, c
     # the state: phi(q) [GP, R] of R rows against S [R, e] and z [R]
     from_start = (scale * scale) * tl.exp(g_total)
     S_pub = S + pub * D * e
+    den_rows = tl.zeros([GP, R], tl.float32)    # phi * z, summed over rows after the loop
     for n in tl.range(0, NBLK, num_stages=STAGES):
         r = (split + n * SPLIT) * R + tl.arange(0, R)
         mr = r < D
@@ -608,7 +609,8 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, scale, held, Hk, d, e, D, c
         qj = tl.load(qrows[:, None] + j[None, :], mask=mq, other=0.0).to(tl.float32)
         phi = qi * qj * (tl.where(i < j, SQRT2, 1.0) * from_start)[None, :]
         num += tl.dot(phi, St, input_precision=PRECISION)
-        den += tl.sum(phi * zt[None, :], axis=1)
+        den_rows += phi * zt[None, :]
+    den += tl.sum(den_rows, axis=1)
 
     heads = (i_b * Hk + i_h) * G + rj                                    # [GP] query heads
     if SPLIT == 1:
