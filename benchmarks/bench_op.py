@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 
@@ -106,12 +107,14 @@ def time_sdpa(batch: int, t: int, mode: str, backend) -> dict:
             "tflops": sdpa_flops(batch, t, mode) / ms / 1e9}
 
 
-def time_decode(batch: int, buffered: int, prefix: int = 256, capacity: int = 64) -> dict:
+def time_decode(batch: int, buffered: int, read_copy: bool, prefix: int = 256,
+                capacity: int = 64) -> dict:
     """One new token per sequence against a real state (from a ``prefix``-token call of the
     op) and ``buffered`` recent tokens in a preallocated ``capacity``-slot buffer, as a model's
-    cache decodes (``power_retention_decode_into``); checked against the reference over the
-    whole stream. Timed eagerly (host launches included) and replayed from a CUDA graph (the
-    kernels alone, as a graphed model step runs them)."""
+    cache decodes (``power_retention_decode_into``; with ``read_copy`` reading ``S`` rounded to
+    bf16, as a bf16 model's cache has it); checked against the reference over the whole stream.
+    Timed eagerly (host launches included) and replayed from a CUDA graph (the kernels alone,
+    as a graphed model step runs them)."""
     q, k, v, g = make(batch, prefix + buffered + 1, requires_grad=False, seed=2)
     _, state = power_retention(q[:, :prefix], k[:, :prefix], v[:, :prefix], g[:, :prefix],
                                output_final_state=True)
@@ -121,9 +124,10 @@ def time_decode(batch: int, buffered: int, prefix: int = 256, capacity: int = 64
     for slot, x in zip(slots, (k, v, g)):
         slot[:, :buffered] = x[:, prefix:prefix + buffered]
     new = [x[:, prefix + buffered:].contiguous() for x in (q, k, v, g)]
+    read = state._replace(S=state.S.bfloat16()) if read_copy else state
 
     def step():
-        return power_retention_decode_into(*new, state, slots, buffered)
+        return power_retention_decode_into(*new, read, slots, buffered)
     o = step()
     ref, _ = attention_reference(*(x.double() for x in (q, k, v, g)))
     err = float((o.double() - ref[:, -1:]).norm() / ref[:, -1:].norm())
@@ -133,8 +137,9 @@ def time_decode(batch: int, buffered: int, prefix: int = 256, capacity: int = 64
         step()
     graphed_ms = bench(graph.replay)
     D = sympow_dim(D_HEAD, 2)
-    state_bytes = batch * HEADS * D * (D_HEAD + 1) * 4
+    state_bytes = batch * HEADS * D * (D_HEAD * read.S.element_size() + 4)
     return {"impl": "decode (triton)", "batch": batch, "buffered": buffered,
+            "state": "bf16 copy" if read_copy else "fp32",
             "us": eager_ms * 1e3, "graphed_us": graphed_ms * 1e3,
             "state_read_us": state_bytes / HBM_BYTES_PER_S * 1e6, "rel_err": err}
 
@@ -201,8 +206,8 @@ def main() -> None:
             print(odd[-1], flush=True)
             save(odd=odd)
     for batch in [int(x) for x in args.decode_batches.split(",") if x]:
-        for buffered in (0, 62):
-            decode.append(time_decode(batch, buffered))
+        for buffered, read_copy in itertools.product((0, 62), (False, True)):
+            decode.append(time_decode(batch, buffered, read_copy))
             print(decode[-1], flush=True)
             save()
     breakdown = kernel_breakdown() if args.breakdown else []
@@ -234,9 +239,10 @@ def main() -> None:
         print(f"t {r['t']:>7} batch {r['batch']:>3} {r['mode']:>8}: {r['us_per_ktoken']:8.1f} us"
               f" vs t {near['t']:>7} batch {near['batch']:>3}: {near['us_per_ktoken']:8.1f} us"
               f"  ({ratio:.2f}x)")
-    print("\ndecode, one token per sequence per layer (16 heads, d = 64, fp32 state)")
+    print("\ndecode, one token per sequence per layer (16 heads, d = 64)")
     for r in decode:
-        print(f"batch {r['batch']:>3} buffered {r['buffered']:>3}: graphed {r['graphed_us']:7.1f}"
+        print(f"batch {r['batch']:>3} buffered {r['buffered']:>3} {r['state']:>9} state: graphed "
+              f"{r['graphed_us']:7.1f}"
               f" us, eager {r['us']:7.1f} us (state read once from HBM: "
               f"{r['state_read_us']:6.1f} us; err {r['rel_err']:.1e})")
     if breakdown:

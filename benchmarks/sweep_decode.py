@@ -1,10 +1,12 @@
 """Sweep of ``decode_kernel``'s launch settings at a model's decoding shape, states beyond L2.
 
     PYTHONPATH=src python benchmarks/sweep_decode.py --batches 32 64 --out sweep_decode.json
+    PYTHONPATH=src python benchmarks/sweep_decode.py --state bfloat16    # a bf16 model's copy
 
 One decode step of a 16-layer model's power layers (8 KV heads x 4 queries, d = e = 64, bf16,
-``--buffered`` tokens in a 64-slot buffer): each layer its own state, so the 16 states (2.2 GB
-at batch 32) pass through L2 once per step as in the model. Every setting (rows per block
+``--buffered`` tokens in a 64-slot buffer): each layer its own state (float32, or the bfloat16
+copy a bf16 model's cache reads), so the 16 states (2.2 GB at batch 32 in float32) pass
+through L2 once per step as in the model. Every setting (rows per block
 ``R``, programs per multiprocessor, pipeline stages, warps) is replayed from a CUDA graph of
 the 16 layers' launches and checked against ``host.decode_into``; the reference time is one
 read of the states by ``torch.sum``. GPU only.
@@ -49,7 +51,7 @@ def launcher(q, k, v, g, slots, S, z, held, R, per_sm, stages, warps):
     return run
 
 
-def sweep(batch: int, buffered: int) -> list[dict]:
+def sweep(batch: int, buffered: int, state_dtype: torch.dtype) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     D = D_HEAD * (D_HEAD + 1) // 2
 
@@ -62,7 +64,7 @@ def sweep(batch: int, buffered: int) -> list[dict]:
         g = -torch.rand(batch, 1, HK, device="cuda", generator=gen) * 0.1
         slots = [randn(batch, CAPACITY, HK, D_HEAD), randn(batch, CAPACITY, HK, D_HEAD),
                  -torch.rand(batch, CAPACITY, HK, device="cuda", generator=gen) * 0.1]
-        S = randn(batch, HK, D, D_HEAD, dtype=torch.float32) * 0.01
+        S = (randn(batch, HK, D, D_HEAD, dtype=torch.float32) * 0.01).to(state_dtype)
         z = torch.rand(batch, HK, D, device="cuda", generator=gen)
         layers.append((q, k, v, g, slots, S, z))
     expected = [host.decode_into(q, k, v, g, S, z, *slots, buffered, D_HEAD ** -0.5)
@@ -86,7 +88,7 @@ def sweep(batch: int, buffered: int) -> list[dict]:
         err = max(float((run().float() - want.float()).norm() / want.float().norm())
                   for run, want in zip(runs, expected))
         us = timed(runs)
-        rows.append({"batch": batch, "R": R, "per_sm": per_sm, "stages": stages,
+        rows.append({"batch": batch, "state": str(state_dtype), "R": R, "per_sm": per_sm, "stages": stages,
                      "warps": warps, "us_per_layer": us, "read_us": read_us, "rel_err": err})
         print(f"batch {batch:3d} R {R:3d} per SM {per_sm} stages {stages} warps {warps}: "
               f"{us:7.1f} us per layer (one read {read_us:.1f} us), rel. err {err:.1e}",
@@ -98,9 +100,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--buffered", type=int, default=30, help="tokens in the buffer")
+    parser.add_argument("--state", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the states the steps read")
     parser.add_argument("--out", default="sweep_decode.json")
     args = parser.parse_args(argv)
-    rows = [row for batch in args.batches for row in sweep(batch, args.buffered)]
+    state_dtype = getattr(torch, args.state)
+    rows = [row for batch in args.batches for row in sweep(batch, args.buffered, state_dtype)]
     for batch in args.batches:
         best = min((r for r in rows if r["batch"] == batch), key=lambda r: r["us_per_layer"])
         print(f"best at batch {batch}: {best}")

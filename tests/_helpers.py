@@ -43,11 +43,12 @@ def make_state(N, Hk, d, e, deg=2, *, dtype=torch.float64, seed=1, tokens=5) -> 
     return RetentionState((phi.transpose(-1, -2) @ v).to(dtype), phi.sum(-2).to(dtype))
 
 
-def decode_with_slots(q, k, v, g, state, capacity):
+def decode_with_slots(q, k, v, g, state, capacity, read_copy=False):
     """Decode token by token as the model's cache does: each token written into a preallocated
     buffer of ``capacity`` slots by ``power_retention_decode_into``, the buffer folded into the
-    state in place by ``power_retention_fold`` when it is full. Returns ``(o, state, slots,
-    held)``."""
+    state in place by ``power_retention_fold`` when it is full; with ``read_copy`` the steps
+    read ``S`` rounded to bfloat16, rounded again after every fold. Returns ``(o, state,
+    slots, held)``."""
     from power_retention import DecodeBuffer, power_retention_decode_into, power_retention_fold
     B, T, Hk, d = k.shape
     state = RetentionState(state.S.clone(), state.z.clone())     # the caller's is left as is
@@ -55,11 +56,13 @@ def decode_with_slots(q, k, v, g, state, capacity):
     slots = DecodeBuffer(k.new_zeros(B, capacity, Hk, d), v.new_zeros(B, capacity, Hk, v.shape[3]),
                          torch.zeros(B, capacity, Hk, dtype=gate_dtype, device=k.device))
     outs, held = [], 0
+    read = state._replace(S=state.S.bfloat16()) if read_copy else state
     for i in range(T):
         step = [None if x is None else x[:, i:i + 1] for x in (q, k, v, g)]
-        outs.append(power_retention_decode_into(*step, state, slots, held))
+        outs.append(power_retention_decode_into(*step, read, slots, held))
         held += 1
         if held == capacity:
             power_retention_fold(state, slots, out=state)
+            read.S.copy_(state.S)
             held = 0
     return torch.cat(outs, 1), state, slots, held

@@ -150,6 +150,15 @@ def test_decode_into_errors(inputs):
         power_retention_decode_into(q, k, v, g, state, slots._replace(v=slots.v.half()), 0)
     with pytest.raises(ValueError, match=r"buffer.log_gate must have shape \[B, capacity, Hk\]"):
         power_retention_decode_into(q, k, v, g, state, slots._replace(log_gate=g), 0)
+    rounded = state._replace(S=state.S.bfloat16())        # a read copy: bfloat16 inputs only
+    with pytest.raises(TypeError, match=r"state.S must be torch.float32 for torch.float32 in"):
+        power_retention_decode_into(q, k, v, g, rounded, slots, 0)
+    half = [x.bfloat16() for x in (q, k, v)] + [g]
+    bf16_slots = slots._replace(k=slots.k.bfloat16(), v=slots.v.bfloat16())
+    assert power_retention_decode_into(*half, rounded, bf16_slots, 0).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"state.S must be torch.float32 or torch.bfloat16 for "
+                                        r"torch.bfloat16 inputs, got torch.float16"):
+        power_retention_decode_into(*half, state._replace(S=state.S.half()), bf16_slots, 0)
 
 
 def test_fold_errors(inputs):

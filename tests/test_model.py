@@ -4,6 +4,7 @@ unless a test says otherwise."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -105,6 +106,40 @@ def test_default_chunk_size_decoding_matches():
             out = model(ids[:, t:t + 1], past_key_values=cache)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_bfloat16_decoding_reads_a_rounded_copy_of_the_state():
+    """A bfloat16 model's decode steps read ``S`` rounded to bfloat16 (half the bytes per step
+    on a GPU) while folds go into the float32 state: after every step, folds included, the copy
+    is that state rounded, the cache counts its bytes, and the logits stay within bfloat16
+    rounding of the float64 model's. Float64 models keep no copy."""
+    kinds = ["power", "linear", "power", "power"]
+    model = tiny_model(time_mixing=kinds, dtype=torch.bfloat16)
+    exact = copy.deepcopy(model).double()               # the same weights
+    ids = random_ids(2, 23)
+    with torch.no_grad():
+        full = exact(ids, use_cache=False).logits
+        out = model(ids[:, :5])
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(5, 23):                 # the buffer of 4 folds every 4 steps
+            out = model(ids[:, t:t + 1], past_key_values=cache)
+            steps.append(out.logits)
+            for kind, layer in zip(kinds, cache.layers):
+                if kind == "power":
+                    assert torch.equal(layer.read_S, layer.state.S.to(torch.bfloat16))
+                    assert layer.state.S.dtype == torch.float32
+                else:
+                    assert layer.read_S is None
+        exact_cache = exact(ids[:, :5]).past_key_values
+        exact(ids[:, 5:6], past_key_values=exact_cache)
+    assert all(layer.read_S is None for layer in exact_cache.layers)
+    D, Hk, d = sympow_dim(8, 2), 2, 8
+    copies = 3 * 2 * Hk * D * d * 2                     # 3 power layers, 2 sequences, bf16
+    state = 2 * model.state_bytes()
+    buffers = 3 * 2 * 4 * Hk * (2 * d * 2 + 4)          # 4 slots of k, v (bf16), log gate (fp32)
+    assert cache.nbytes() == state + copies + buffers
+    stepwise = torch.cat(steps, 1).double()
+    assert float((stepwise - full).norm() / full.norm()) < 2e-2
 
 
 # -- left padding -------------------------------------------------------------------------------

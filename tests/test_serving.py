@@ -434,6 +434,41 @@ def test_batch_rows_match_each_sequence_alone(kinds, slots, dtype, tolerance):
         assert max(float((a - b).abs().max()) for a, b in zip(seen, rows_alone)) < tolerance
 
 
+@pytest.mark.parametrize("slots", [False, True])
+def test_bfloat16_state_copies_follow_joins_and_leaves(slots):
+    """A bfloat16 model's power layers decode from a bfloat16 copy of the state; the backend
+    writes states row by row (joins, leaves, resizes), and after every step each copy is its
+    state rounded."""
+    backend = RetentionBackend(tiny_model(torch.bfloat16), MODEL, persistent_slots=slots)
+    batch, running = None, []
+
+    def step():
+        rows = backend.step(batch, [t[-1] for t in running],
+                            [len(p) + len(t) - 1 for p, t in zip(prompts, running)])
+        for row, tokens in zip(rows, running):
+            tokens.append(int(row.argmax()))
+        power = [layer for layer in batch.cache.layers if layer.buffer_capacity]
+        assert power and all(torch.equal(layer.read_S, layer.state.S.to(torch.bfloat16))
+                             for layer in power)
+
+    prompts = [list(range(1, 1 + n)) for n in (3, 10, 17, 8)]
+    for prompt in prompts:
+        logits, cache = backend.prefill(prompt)
+        batch = backend.join(batch, cache)
+        running.append([int(logits.argmax())])
+        for _ in range(3):
+            step()
+    batch = backend.keep(batch, [0, 2, 3])
+    del prompts[1], running[1]
+    for _ in range(9):                      # the buffers of 8 fold on the way
+        step()
+    if slots:
+        batch = backend.keep(batch, [0])
+        del prompts[1:], running[1:]
+        assert batch.capacity == 2
+        step()
+
+
 def test_serve_without_a_model_says_what_to_pass(capsys):
     from power_retention.cli import main
 

@@ -5,7 +5,8 @@
 - ``"power"`` and ``"linear"`` layers get a :class:`RecurrentCacheLayer`: the fp32
   :class:`RetentionState` plus, for power retention, a preallocated buffer of at most
   ``chunk_size`` recent ``(k, v, log_gate)`` not yet folded into the state (DESIGN.md,
-  decoding). Its memory is the same after 10 tokens and after a million.
+  decoding) and, in bfloat16 models, a bfloat16 copy of ``S`` that decode steps read. Its
+  memory is the same after 10 tokens and after a million.
 - ``"softmax"`` layers get transformers' ``DynamicLayer`` (a KV cache that grows).
 - ``"window"`` layers get transformers' ``DynamicSlidingWindowLayer`` (keeps the last
   ``sliding_window - 1`` tokens, all a new token needs).
@@ -33,6 +34,12 @@ class RecurrentCacheLayer(CacheLayerMixin):
     ``buffer_log_gate [B, capacity, Hk]``) of which the first ``buffer_len`` tokens are in use.
     With ``in_place`` (set by ``GraphedDecoder``) a new state is copied into the tensors of the
     old one, so a captured CUDA graph keeps reading and writing the same memory.
+
+    A bfloat16 buffer also gets ``read_S``, ``S`` rounded to bfloat16, made by the first decode
+    step (:meth:`read_state`) and copied again whenever the state changes through this layer
+    (:meth:`update`, :meth:`refresh_read_state`): a decode step then reads half the bytes of
+    the float32 state, which stays the one folded into. Code that writes ``state`` directly
+    calls :meth:`refresh_read_state` after.
     """
 
     is_sliding = False
@@ -51,6 +58,7 @@ class RecurrentCacheLayer(CacheLayerMixin):
         self.seen_tokens = 0
         self.in_place = False
         self.device: torch.device | None = None
+        self.read_S: Tensor | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         """Allocate the buffer like ``key_states [B, n, Hk, d]`` / ``value_states``."""
@@ -79,6 +87,7 @@ class RecurrentCacheLayer(CacheLayerMixin):
                 self.state.z.copy_(state.z)
         else:
             self.state, self.device = state, state.S.device
+        self.refresh_read_state()
         n = 0 if buffer is None else buffer.k.shape[1]
         if n:
             if not self.is_initialized:
@@ -108,6 +117,28 @@ class RecurrentCacheLayer(CacheLayerMixin):
         self.buffer_len += num_new_tokens
         self.seen_tokens += num_new_tokens
 
+    def read_state(self) -> RetentionState:
+        """The state a decode step reads: ``(read_S, z)`` once the buffer is bfloat16 (the copy
+        made here on first use), else the state itself."""
+        if self.buffer_k is None or self.buffer_k.dtype != torch.bfloat16:
+            return self.state
+        S = self.state.S
+        if self.read_S is None or self.read_S.shape != S.shape or self.read_S.device != S.device:
+            self.read_S = S.to(torch.bfloat16)
+        return RetentionState(self.read_S, self.state.z)
+
+    def refresh_read_state(self, rows: int | slice | Tensor | None = None) -> None:
+        """Copy the state (``rows`` of it; all by default) into the bfloat16 copy, if any; a
+        copy of another shape than the state's is dropped (the next step makes a new one)."""
+        if self.read_S is None:
+            return
+        if self.state is None or self.read_S.shape != self.state.S.shape:
+            self.read_S = None
+        elif rows is None:
+            self.read_S.copy_(self.state.S)
+        else:
+            self.read_S[rows] = self.state.S[rows]
+
     def get_seq_length(self) -> int:
         return self.seen_tokens
 
@@ -118,10 +149,12 @@ class RecurrentCacheLayer(CacheLayerMixin):
         return -1
 
     def tensors(self) -> list[Tensor]:
-        """The tensors held: ``S``, ``z`` and, once allocated, the buffer's three."""
+        """The tensors held: ``S``, ``z``, once allocated the buffer's three, then ``read_S``."""
         tensors = [] if self.state is None else [self.state.S, self.state.z]
         if self.is_initialized:
             tensors += [self.buffer_k, self.buffer_v, self.buffer_log_gate]
+        if self.read_S is not None:
+            tensors.append(self.read_S)
         return tensors
 
     def nbytes(self) -> int:
@@ -133,9 +166,11 @@ class RecurrentCacheLayer(CacheLayerMixin):
         if self.is_initialized:
             self.buffer_k, self.buffer_v = fn(self.buffer_k), fn(self.buffer_v)
             self.buffer_log_gate = fn(self.buffer_log_gate)
+        if self.read_S is not None:
+            self.read_S = fn(self.read_S)
 
     def reset(self) -> None:
-        self.state, self.buffer_len, self.seen_tokens = None, 0, 0
+        self.state, self.buffer_len, self.seen_tokens, self.read_S = None, 0, 0, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -218,14 +218,14 @@ class PowerRetentionAttention(nn.Module):
             return power_retention(q, k, v, log_gate, deg=self.deg,
                                    chunk_size=self.config.chunk_size)
         if n == 1:   # one new token: attention over the buffer, query the state
+            if layer.state is None:
+                layer.appended(RetentionState.zeros(B, self.num_kv_heads, self.head_dim,
+                                                    self.head_dim, self.deg, device=q.device,
+                                                    dtype=gate_dtype), 0)
             state = layer.state
-            if state is None:
-                state = RetentionState.zeros(B, self.num_kv_heads, self.head_dim,
-                                             self.head_dim, self.deg, device=q.device,
-                                             dtype=gate_dtype)
             slots = layer.slots(k, v)                  # the token is written into its slot
-            o = power_retention_decode_into(q, k, v, log_gate, state, slots, layer.buffer_len,
-                                            deg=self.deg)
+            o = power_retention_decode_into(q, k, v, log_gate, layer.read_state(), slots,
+                                            layer.buffer_len, deg=self.deg)
             layer.appended(state)
             if layer.buffer_len == layer.buffer_capacity:    # full: fold it into the state
                 out = state if layer.in_place else None

@@ -212,6 +212,10 @@ def power_retention_decode_into(q: Tensor, k: Tensor, v: Tensor, log_gate: Tenso
     buffered tokens. Nothing is folded and nothing is allocated but ``o``, so a CUDA graph can
     capture the step; fold the buffer into the state with :func:`power_retention_fold` when it
     is full. On a GPU a single-token step is two kernel launches.
+
+    For bfloat16 inputs ``state.S`` may be a bfloat16 copy of the float32 state (the fold
+    keeps the float32 one): a step reads half the bytes, and the state enters the outputs
+    rounded as the chunked forward's output kernel reads its chunk states.
     """
     deg, scale = check_decode_into_inputs(q, k, v, log_gate, state, buffer, held, deg, scale)
     gate = (log_gate if log_gate is not None else gate_zeros(k)).to(buffer.log_gate.dtype)

@@ -53,7 +53,10 @@ def check_scale(scale, d: int) -> float:
     return float(scale)
 
 
-def check_state(name: str, state, n: int, hk: int, D: int, e: int, q: torch.Tensor) -> None:
+def check_state(name: str, state, n: int, hk: int, D: int, e: int, q: torch.Tensor,
+                read_copy: bool = False) -> None:
+    """``state`` must be a RetentionState of ``n`` sequences in float32 (float64 for float64
+    inputs); with ``read_copy``, ``S`` may also be a bfloat16 copy for bfloat16 inputs."""
     if not isinstance(state, RetentionState):
         raise TypeError(f"{name} must be a RetentionState(S, z), got {type(state).__name__}")
     want = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -61,8 +64,12 @@ def check_state(name: str, state, n: int, hk: int, D: int, e: int, q: torch.Tens
                                    ("z", state.z, (n, hk, D), "[N, Hk, D]")):
         _tensor(f"{name}.{part}", x, len(shape))
         _shape(f"{name}.{part}", x, shape, layout)
-        if x.dtype != want:
-            raise TypeError(f"{name}.{part} must be {want} for {q.dtype} inputs, got {x.dtype}")
+        allowed = [want]
+        if read_copy and part == "S" and q.dtype == torch.bfloat16:
+            allowed.append(torch.bfloat16)
+        if x.dtype not in allowed:
+            raise TypeError(f"{name}.{part} must be {' or '.join(map(str, allowed))} for "
+                            f"{q.dtype} inputs, got {x.dtype}")
         _same_device(f"{name}.{part}", x, q)
 
 
@@ -153,7 +160,7 @@ def check_decode_into_inputs(q, k, v, log_gate, state, buffer, held, deg, scale)
     """Validate the arguments of ``power_retention_decode_into``; returns ``(deg, scale)``."""
     deg, scale = check_inputs(q, k, v, log_gate, deg, scale, None, None, None)
     B, n, Hk, d = k.shape
-    check_state("state", state, B, Hk, sympow_dim(d, deg), v.shape[-1], q)
+    check_state("state", state, B, Hk, sympow_dim(d, deg), v.shape[-1], q, read_copy=True)
     capacity = _check_buffer(buffer, q, k, v, "capacity")
     for name, x, like in (("k", buffer.k, k), ("v", buffer.v, v)):
         if x.dtype != like.dtype:

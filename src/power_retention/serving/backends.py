@@ -223,13 +223,18 @@ class RetentionBackend:
         self.eos_token_ids = _eos_ids(model)
 
     def sequence_bytes(self, prompt_tokens: int = 0, max_new_tokens: int = 0) -> int:
-        """Cache bytes of one sequence: states (fp32; fp64 for a float64 model) and buffers,
-        fixed; plus, for softmax/window layers, keys and values of its own tokens (not the left
-        padding it may get in a batch with longer sequences)."""
+        """Cache bytes of one sequence: states (fp32; fp64 for a float64 model; a bfloat16
+        model's power layers also keep a bfloat16 copy of ``S``) and buffers, fixed; plus, for
+        softmax/window layers, keys and values of its own tokens (not the left padding it may
+        get in a batch with longer sequences)."""
         config = self.config
         state_scale = 2 if self.dtype == torch.float64 else 1      # state_bytes counts fp32
         total = self.model.state_bytes() * state_scale
         item = torch.empty((), dtype=self.dtype).element_size()
+        if self.dtype == torch.bfloat16:
+            D = sympow_dim(config.head_dim, config.deg)
+            total += self.kinds.count("power") * config.num_key_value_heads * D * (
+                config.head_dim * item)
         gate_item = 8 if self.dtype == torch.float64 else 4
         per_token = config.num_key_value_heads * (2 * config.head_dim * item + gate_item)
         total += self.kinds.count("power") * config.decode_chunk_size * per_token
@@ -265,6 +270,7 @@ class RetentionBackend:
             if kind in ("power", "linear"):
                 into.state = type(into.state)(*(torch.cat([a, b]) for a, b in
                                                zip(into.state, layer.state)))
+                into.refresh_read_state()
                 if into.buffer_capacity:
                     self._join_buffers(into, layer, rows)
                 into.seen_tokens = total
@@ -376,6 +382,7 @@ class RetentionBackend:
         for into, layer in zip(batch.cache.layers, cache.layers):
             into.state.S[slot].copy_(layer.state.S[0])
             into.state.z[slot].copy_(layer.state.z[0])
+            into.refresh_read_state(slot)
             if into.buffer_capacity:
                 self._put_buffer(into, layer, slot)
         batch.slots.append(slot)

@@ -554,7 +554,9 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, scale, held, Hk, d, e, D, c
     else partial numerators and denominators ``out [B, Hq, SPLIT, EP + 1]`` for
     ``decode_finish_kernel``. Split 0 also attends to the ``held`` buffered tokens (``bk [B,
     cap, Hk, d]``, ``bv``, ``bg``) and the new one (``k [B, Hk, d]``, ``v``, ``g [B, Hk]``),
-    and writes the new token into slot ``held``."""
+    and writes the new token into slot ``held``. ``S`` is float32, or bfloat16 (a copy of the
+    state rounded as the chunked forward's output kernel reads it: half the bytes, and the
+    product then runs in bfloat16); ``z`` is float32."""
     i_bh, split = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // Hk).to(tl.int64), i_bh % Hk
     re = tl.arange(0, EP)
@@ -608,7 +610,7 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, scale, held, Hk, d, e, D, c
         qi = tl.load(qrows[:, None] + i[None, :], mask=mq, other=0.0).to(tl.float32)
         qj = tl.load(qrows[:, None] + j[None, :], mask=mq, other=0.0).to(tl.float32)
         phi = qi * qj * (tl.where(i < j, SQRT2, 1.0) * from_start)[None, :]
-        num += tl.dot(phi, St, input_precision=PRECISION)
+        num += tl.dot(phi.to(St.dtype), St, input_precision=PRECISION)
         den_rows += phi * zt[None, :]
     den += tl.sum(den_rows, axis=1)
 
