@@ -88,8 +88,9 @@ def sweep(batch: int, buffered: int, state_dtype: torch.dtype) -> list[dict]:
         err = max(float((run().float() - want.float()).norm() / want.float().norm())
                   for run, want in zip(runs, expected))
         us = timed(runs)
-        rows.append({"batch": batch, "state": str(state_dtype), "R": R, "per_sm": per_sm, "stages": stages,
-                     "warps": warps, "us_per_layer": us, "read_us": read_us, "rel_err": err})
+        rows.append({"batch": batch, "state": str(state_dtype), "R": R, "per_sm": per_sm,
+                     "stages": stages, "warps": warps, "us_per_layer": us, "read_us": read_us,
+                     "rel_err": err})
         print(f"batch {batch:3d} R {R:3d} per SM {per_sm} stages {stages} warps {warps}: "
               f"{us:7.1f} us per layer (one read {read_us:.1f} us), rel. err {err:.1e}",
               flush=True)
