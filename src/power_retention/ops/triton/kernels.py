@@ -327,9 +327,9 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, den_out, cu_seqlens, chunk
     num = _dot(w, vv, BF16, PREC)                                      # [C, EP]
     den = tl.sum(w, axis=1)
 
-    # the incoming state, queried tile by tile: phi(s q) [C, F] @ S [F, EP]; its normaliser
-    # in one product, phi(s q) . z = s^2 q^T Z q with Z the symmetric [d, d] normaliser state
+    # the incoming state, queried tile by tile: phi(s q) [C, F] @ S [F, EP]
     num_s = tl.zeros([C, EP], tl.float32)
+    den_s = tl.zeros([C], tl.float32)
     base = (i_c * Hk + i_h) * NT
     rf = tl.arange(0, F)
     ea = _spread(KP, BD, False)
@@ -341,11 +341,9 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, den_out, cu_seqlens, chunk
         slot = (base + tile).to(tl.int64)
         St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
                      mask=me[None, :], other=0.0)
+        zt = tl.load(zstates + slot * F + rf)
         num_s += _dot(phi, St, BF16, PREC)
-    qf = tl.load(q + (t[:, None] * Hq + i_hq) * d + rd[None, :], mask=mt[:, None],
-                 other=0.0).to(tl.float32)
-    Z = _normaliser_matrix(zstates, base.to(tl.int64) * F, NB, BD)
-    den_s = (scale * scale) * tl.sum(tl.dot(qf, Z, input_precision=PREC) * qf, axis=1)
+        den_s += tl.sum(phi * zt[None, :], axis=1)
     from_start = tl.exp(gc)
     num += from_start[:, None] * num_s
     den += from_start * den_s
