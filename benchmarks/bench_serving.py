@@ -357,6 +357,16 @@ def main(argv=None) -> list[dict]:
           f"{'CUDA graphs' if args.cuda_graphs else 'eager'} decode", flush=True)
     limit = memory_limit_bytes(args)
     rows = []
+
+    def save() -> None:                  # after every case, so a cut-short run keeps its rows
+        if args.output:
+            record = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                      "device": str(args.device), "hardware": hardware,
+                      "torch": torch.__version__,
+                      "settings": {k: (str(v) if isinstance(v, torch.device) else v)
+                                   for k, v in vars(args).items()},
+                      "results": rows}
+            Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     for kind in args.models:
         model = build_model(args, kind)
         params = sum(p.numel() for p in model.parameters())
@@ -365,6 +375,7 @@ def main(argv=None) -> list[dict]:
               f"max |logit diff| {error:.2e}", flush=True)
         if args.serving_load:
             rows.append(serving_load(model, kind, args))
+            save()
         for context in args.contexts:
             for batch in args.batch_sizes:
                 row = {"model": kind, "context": context, "batch": batch,
@@ -380,6 +391,7 @@ def main(argv=None) -> list[dict]:
                     print(f"  t={context:>8,} b={batch:>3}: skipped ({row['skipped']})",
                           flush=True)
                     rows.append(row)
+                    save()
                     continue
                 start = time.perf_counter()
                 cache = build_cache(model, context, batch, args)
@@ -398,18 +410,12 @@ def main(argv=None) -> list[dict]:
                           + "; ".join(f"{t['ms_per_step'] * 1e3:.0f} us {t['kernel'][:40]}"
                                       for t in p["kernels"][:5]), flush=True)
                 rows.append(row)
+                save()
                 del cache
                 if args.device.type == "cuda":
                     torch.cuda.empty_cache()
         del model
     print_table(rows)
-    if args.output:
-        record = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                  "device": str(args.device), "torch": torch.__version__,
-                  "settings": {k: (str(v) if isinstance(v, torch.device) else v)
-                               for k, v in vars(args).items()},
-                  "results": rows}
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     return rows
 
 
