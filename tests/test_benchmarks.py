@@ -1,0 +1,66 @@
+"""The benchmark scripts that run without a GPU: the serving benchmark at a tiny size on the CPU
+and the figures drawn from what the benchmarks write."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+BENCHMARKS = HERE.parent / "benchmarks"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def script(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_serving_benchmark_writes_every_case_and_its_figure(tmp_path):
+    out = tmp_path / "serving.json"
+    tiny = ["--hidden-size", "64", "--intermediate-size", "128", "--num-hidden-layers", "2",
+            "--num-attention-heads", "2", "--num-key-value-heads", "1", "--head-dim", "32",
+            "--vocab-size", "64", "--steps", "2", "--warmup", "1"]
+    result = script("bench_serving.py", *tiny, "--contexts", "64", "2048", "--batch-sizes", "1",
+                    "2", "--memory-limit-gb", "0.0004", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-4000:]
+    record = json.loads(out.read_text())
+    cases = {(r["model"], r["context"], r["batch"]): r for r in record["results"]}
+    assert set(cases) == {(m, c, b) for m in ("power", "softmax") for c in (64, 2048)
+                          for b in (1, 2)}
+    for (model, context, batch), row in cases.items():
+        if model == "softmax" and context * batch > 64:        # 0.4 MiB: only 64 x 1 fits
+            assert "does not fit" in row["skipped"]
+        else:
+            assert row["finite"] and math.isfinite(row["ms_per_step"]) and row["ms_per_step"] > 0
+    power = [r["cache_bytes"] for r in record["results"] if r["model"] == "power"
+             and r["batch"] == 1]
+    assert len(set(power)) == 1                                 # the same at every context
+
+    figures = script("plot_results.py", str(out), "--out-dir", str(tmp_path))
+    assert figures.returncode == 0, figures.stderr[-4000:]
+    assert (tmp_path / "bench_serving.png").read_bytes().startswith(PNG)
+
+
+def test_op_figure_and_unknown_files(tmp_path):
+    rows = [{"impl": impl, "t": t, "batch": 65_536 // t, "mode": mode, "ms": ms}
+            for t in (1024, 65_536) for mode in ("fwd", "fwd+bwd")
+            for impl, ms in (("power retention (triton)", 6.0), ("cuDNN SDPA", t / 4096))]
+    meta = {"gpu": "a GPU", "torch": "2", "triton": "3", "date": "2026-12-07T00:00:00",
+            "dtype": "bfloat16", "heads": 16, "d": 64, "deg": 2}
+    op = tmp_path / "op.json"
+    op.write_text(json.dumps({"meta": meta, "rows": rows, "decode": []}))
+    result = script("plot_results.py", str(op), "--out-dir", str(tmp_path / "figures"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "figures" / "bench_op.png").read_bytes().startswith(PNG)
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"loss": 1.0}))
+    result = script("plot_results.py", str(other))
+    assert result.returncode == 2
+    assert "not a bench_op.py or bench_serving.py result" in result.stderr
