@@ -39,6 +39,13 @@ def token_axis(ax, values) -> None:
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
+def finish(fig, title: str, path: Path) -> None:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_op(record: dict, path: Path) -> None:
     """One panel per mode: ms per 65,536 tokens against t, a line per implementation."""
     meta, rows = record["meta"], record["rows"]
@@ -59,12 +66,9 @@ def plot_op(record: dict, path: Path) -> None:
         token_axis(ax, {r["t"] for r in rows})
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
-                 f"{meta['date'][:10]}: {meta['dtype']}, {meta['heads']} heads, d = {meta['d']}, "
-                 f"p = {meta['deg']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
+                f"{meta['date'][:10]}: {meta['dtype']}, {meta['heads']} heads, d = {meta['d']}, "
+                f"p = {meta['deg']}", path)
 
 
 def plot_serving(records: list[dict], path: Path) -> None:
@@ -113,12 +117,9 @@ def plot_serving(records: list[dict], path: Path) -> None:
     by_context.legend(fontsize=7)
     first, params = records[0], rows[0]["parameters"]
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
-    fig.suptitle(f"{first.get('hardware', first['device'])}, torch {first['torch']}, "
-                 f"{first['date'][:10]}: {size}-parameter models, "
-                 f"{first['settings']['dtype']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, f"{first.get('hardware', first['device'])}, torch {first['torch']}, "
+                f"{first['date'][:10]}: {size}-parameter models, {first['settings']['dtype']}",
+           path)
 
 
 def main(argv=None) -> list[Path]:
