@@ -7,7 +7,8 @@
 # of it compiling; the 1M-token group ~55 s), BENCH_TIMEOUT (250 s) and SERVING_TIMEOUT (200 s;
 # 0 skips either benchmark) bound each part (one call allows 600 s); BENCH_ARGS and SERVING_ARGS
 # pass options to the two benchmarks (e.g. BENCH_ARGS="--seq-lens=65536 --long= --odd=",
-# SERVING_ARGS=--profile).
+# SERVING_ARGS=--profile). Figures of the results, anywhere matplotlib is installed:
+#     python benchmarks/plot_results.py $OUT/bench_op.json $OUT/bench_serving.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
