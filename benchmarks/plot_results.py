@@ -6,14 +6,15 @@
 forward and forward + backward, the Triton kernels beside cuDNN and flash attention (a flat line
 is a cost linear in the length), with issue 3's targets at 64k. ``bench_serving`` files (several
 are merged: a context sweep and a batch sweep, say) give ``bench_serving.png``: time per decode
-step against the context for each model and batch, against the batch at the longest context
-with several (the transformer over power retention written beside), and the cache's size.
+step against the context for each model and batch, against the batch at the context with
+the most (the transformer over power retention written beside), and the cache's size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -89,10 +90,10 @@ def plot_serving(records: list[dict], path: Path) -> None:
                                 label=f"{model}, batch {batch}", **style)
                 cache.plot([p[0] for p in pts], [p[2] for p in pts],
                            label=f"{model}, batch {batch}", **style)
-    swept = [c for c in {r["context"] for r in rows}
-             if len({r["batch"] for r in rows if r["context"] == c}) > 1]
-    if swept:
-        context = max(swept)
+    batches_at = {c: len({r["batch"] for r in rows if r["context"] == c})
+                  for c in {r["context"] for r in rows}}
+    if max(batches_at.values()) > 1:             # the context with most batches, the longest
+        context = max(batches_at, key=lambda c: (batches_at[c], c))
         at = {(r["model"], r["batch"]): r["ms_per_step"] for r in rows if r["context"] == context}
         for model in sorted({m for m, _ in at}):
             pts = sorted((b, ms) for (m, b), ms in at.items() if m == model)
@@ -112,6 +113,9 @@ def plot_serving(records: list[dict], path: Path) -> None:
               title="cache memory")
     for ax in (by_context, cache):
         token_axis(ax, {r["context"] for r in rows})
+    by_context.set_ylim(bottom=10 ** math.floor(math.log10(min(r["ms_per_step"] for r in rows))))
+    by_context.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    by_context.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     for ax in (by_context, by_batch, cache):
         ax.grid(True, which="both", alpha=0.3)
     by_context.legend(fontsize=7)
