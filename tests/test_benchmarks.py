@@ -3,6 +3,7 @@ and the figures drawn from what the benchmarks write."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -64,3 +65,30 @@ def test_op_figure_and_unknown_files(tmp_path):
     result = script("plot_results.py", str(other))
     assert result.returncode == 2
     assert "not a bench_op.py or bench_serving.py result" in result.stderr
+
+
+def test_ncu_summary_reads_the_raw_page(tmp_path):
+    """``ncu_op.py``'s summary of Nsight Compute's raw CSV page (names, units, one row per
+    launch): times in microseconds whatever the unit, the largest stall reasons first."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import ncu_op
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    stall = ncu_op.STALL + "{}_per_issue_active.ratio"
+    header = ["ID", "Kernel Name", ncu_op.COLUMNS["us"], ncu_op.COLUMNS["occ %"],
+              stall.format("long_scoreboard"), stall.format("barrier"), stall.format("math"),
+              "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active"]
+    units = ["", "", "nsecond", "%", "", "", "", "%"]
+    table = tmp_path / "raw.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([
+            header, units, ["0", "scan_kernel", "3,300,000", "12.5", "4.2", "0.5", "", "30.1"],
+            ["1", "dq_kernel", "4,900,000", "n/a", "1.0", "2.0", "0.1", ""]])
+    scan, dq = ncu_op.summarise(table)
+    assert scan["kernel"] == "scan_kernel" and scan["us"] == 3300.0 and scan["occ %"] == 12.5
+    assert scan["stalls"] == [(4.2, "long_scoreboard"), (0.5, "barrier")]
+    assert scan["tensor %"] == 30.1 and scan["DRAM %"] is None
+    assert dq["occ %"] is None and dq["stalls"][0] == (2.0, "barrier") and dq["tensor %"] is None
+    result = script("ncu_op.py", "--shapes", "65536")
+    assert result.returncode == 2 and "expected T x BATCH" in result.stderr
