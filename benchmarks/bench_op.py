@@ -26,11 +26,19 @@ from power_retention.ops.naive import attention_reference
 from power_retention.ops.triton import host
 
 HEADS, D_HEAD, TOKENS = 16, 64, 65_536
-HBM_BYTES_PER_S = 4.3e12            # device-to-device copy on the H200 (KINDS.md)
 
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy on this GPU (read and write counted):
+    what a kernel that streams memory can reach."""
+    src = torch.empty(2 ** 29, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def retention_flops(tokens: int, chunk: int, mode: str) -> float:
@@ -107,14 +115,14 @@ def time_sdpa(batch: int, t: int, mode: str, backend) -> dict:
             "tflops": sdpa_flops(batch, t, mode) / ms / 1e9}
 
 
-def time_decode(batch: int, buffered: int, read_copy: bool, prefix: int = 256,
+def time_decode(batch: int, buffered: int, read_copy: bool, bandwidth: float, prefix: int = 256,
                 capacity: int = 64) -> dict:
     """One new token per sequence against a real state (from a ``prefix``-token call of the
     op) and ``buffered`` recent tokens in a preallocated ``capacity``-slot buffer, as a model's
     cache decodes (``power_retention_decode_into``; with ``read_copy`` reading ``S`` rounded to
     bf16, as a bf16 model's cache has it); checked against the reference over the whole stream.
     Timed eagerly (host launches included) and replayed from a CUDA graph (the kernels alone,
-    as a graphed model step runs them)."""
+    as a graphed model step runs them), against reading the state once at ``bandwidth``."""
     q, k, v, g = make(batch, prefix + buffered + 1, requires_grad=False, seed=2)
     _, state = power_retention(q[:, :prefix], k[:, :prefix], v[:, :prefix], g[:, :prefix],
                                output_final_state=True)
@@ -141,7 +149,7 @@ def time_decode(batch: int, buffered: int, read_copy: bool, prefix: int = 256,
     return {"impl": "decode (triton)", "batch": batch, "buffered": buffered,
             "state": "bf16 copy" if read_copy else "fp32",
             "us": eager_ms * 1e3, "graphed_us": graphed_ms * 1e3,
-            "state_read_us": state_bytes / HBM_BYTES_PER_S * 1e6, "rel_err": err}
+            "state_read_us": state_bytes / bandwidth * 1e6, "rel_err": err}
 
 
 def kernel_breakdown(t: int = TOKENS) -> list[dict]:
@@ -205,9 +213,12 @@ def main() -> None:
             odd.append(time_retention(max(1, TOKENS // t), t, mode))
             print(odd[-1], flush=True)
             save(odd=odd)
-    for batch in [int(x) for x in args.decode_batches.split(",") if x]:
+    decode_batches = [int(x) for x in args.decode_batches.split(",") if x]
+    if decode_batches:
+        meta["copy_bytes_per_s"] = copy_bandwidth()
+    for batch in decode_batches:
         for buffered, read_copy in itertools.product((0, 62), (False, True)):
-            decode.append(time_decode(batch, buffered, read_copy))
+            decode.append(time_decode(batch, buffered, read_copy, meta["copy_bytes_per_s"]))
             print(decode[-1], flush=True)
             save()
     breakdown = kernel_breakdown() if args.breakdown else []
@@ -239,11 +250,13 @@ def main() -> None:
         print(f"t {r['t']:>7} batch {r['batch']:>3} {r['mode']:>8}: {r['us_per_ktoken']:8.1f} us"
               f" vs t {near['t']:>7} batch {near['batch']:>3}: {near['us_per_ktoken']:8.1f} us"
               f"  ({ratio:.2f}x)")
-    print("\ndecode, one token per sequence per layer (16 heads, d = 64)")
+    if decode:
+        print(f"\ndecode, one token per sequence per layer (16 heads, d = 64); copy bandwidth "
+              f"{meta['copy_bytes_per_s'] / 1e12:.2f} TB/s")
     for r in decode:
         print(f"batch {r['batch']:>3} buffered {r['buffered']:>3} {r['state']:>9} state: graphed "
               f"{r['graphed_us']:7.1f}"
-              f" us, eager {r['us']:7.1f} us (state read once from HBM: "
+              f" us, eager {r['us']:7.1f} us (state read once at the copy bandwidth: "
               f"{r['state_read_us']:6.1f} us; err {r['rel_err']:.1e})")
     if breakdown:
         print("\nper kernel, one forward + backward at t = 65,536, batch 1 (torch.profiler)")

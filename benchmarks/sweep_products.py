@@ -24,6 +24,7 @@ import json
 import torch
 import torch.nn.functional as F
 import triton
+from bench_op import copy_bandwidth
 from torch import nn
 
 from power_retention.model import fused
@@ -79,14 +80,6 @@ def timed(fns) -> float:
             fn()
     return triton.testing.do_bench(graph.replay, warmup=10, rep=100,
                                    return_mode="median") * 1e3 / len(fns)
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read and write counted)."""
-    src = torch.empty(2 ** 29, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def rel_err(got, want) -> float:
