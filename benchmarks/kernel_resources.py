@@ -11,9 +11,12 @@ go through local memory. Compile errors show here too, before any GPU time is sp
     python benchmarks/kernel_resources.py --chunks 64 --warps 8 --dtype float16
 
 Prints one row per kernel and configuration: registers per thread, stack frame (bytes of
-spilled registers per thread), shared memory, and the tensor loads inside loops that Triton's
+spilled registers per thread), shared memory, the tensor loads inside loops that Triton's
 pipeliner prefetches (asynchronous copies issued stages ahead) against those it leaves
-synchronous (each one a full memory latency per iteration unless other warps hide it).
+synchronous (each one a full memory latency per iteration unless other warps hide it), and the
+Hopper matrix products inside loops against the waits that leave none of them in flight (where
+the two are equal, a loop step's products run one after another: the scans' four per chunk
+step, for instance).
 """
 
 from __future__ import annotations
@@ -93,19 +96,24 @@ def resources(cubin: bytes) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def loop_loads(ttgir: str) -> tuple[int, int]:
-    """Tensor loads inside ``scf.for`` loops of a TTGIR listing: ``(asynchronous, plain)``."""
-    stack, prefetched, plain = [], 0, 0
+def loop_ops(ttgir: str) -> dict[str, int]:
+    """Operations inside ``scf.for`` loops of a TTGIR listing: tensor loads prefetched
+    (asynchronous copies) and plain, Hopper matrix products (``warp_group_dot``) and the waits
+    for them that let none stay in flight (``pendings = 0``: the next instruction needs the
+    product, so products in a loop step run one after another)."""
+    stack, found = [], dict.fromkeys(("prefetched", "plain", "dots", "full_waits"), 0)
     for line in ttgir.splitlines():
         text = line.strip()
         if text.startswith("}"):
             stack and stack.pop()
         if any(stack):
-            prefetched += "ttg.async_copy_global_to_local" in text
-            plain += " tt.load " in text and ": tensor<" in text
+            found["prefetched"] += "ttg.async_copy_global_to_local" in text
+            found["plain"] += " tt.load " in text and ": tensor<" in text
+            found["dots"] += "ttng.warp_group_dot " in text
+            found["full_waits"] += "ttng.warp_group_dot_wait" in text and "pendings = 0" in text
         if text.endswith("{"):
             stack.append("scf.for" in text)
-    return prefetched, plain
+    return found
 
 
 def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
@@ -172,7 +180,7 @@ def main() -> None:
     target = GPUTarget("cuda", args.arch, 32)
     print(f"{args.dtype}, d = {args.d}, e = {args.e}, sm_{args.arch}, {args.stages} stages")
     print(f"{'kernel':<20} {'C':>4} {'BE':>3} {'warps':>5} {'regs':>5} {'stack B':>8} "
-          f"{'smem KiB':>9} {'loop loads async/plain':>23}")
+          f"{'smem KiB':>9} {'loop loads async/plain':>23} {'loop products/full waits':>25}")
     for fn, constexprs in cases(dtype, args.d, args.e, args.chunks, args.blocks):
         for warps in args.warps:
             sig = signature(fn, dtype, constexprs)
@@ -181,11 +189,12 @@ def main() -> None:
             compiled = triton.compile(src, target=target,
                                       options={"num_warps": warps, "num_stages": args.stages})
             regs, stack = resources(compiled.asm["cubin"])
-            prefetched, plain = loop_loads(compiled.asm["ttgir"])
+            ops = loop_ops(compiled.asm["ttgir"])
             print(f"{fn.__name__:<20} {constexprs.get('C', '-'):>4} "
                   f"{constexprs.get('BE', '-'):>3} {warps:>5} {regs:>5} {stack:>8} "
-                  f"{compiled.metadata.shared / 1024:>9.1f} {f'{prefetched}/{plain}':>23}",
-                  flush=True)
+                  f"{compiled.metadata.shared / 1024:>9.1f} "
+                  f"{'{prefetched}/{plain}'.format(**ops):>23} "
+                  f"{'{dots}/{full_waits}'.format(**ops):>25}", flush=True)
 
 
 if __name__ == "__main__":

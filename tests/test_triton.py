@@ -88,7 +88,8 @@ def test_kernels_compile_for_hopper(dtype):
     the interpreter runs but the compiler rejects fails here, not on the device; the report
     reads each kernel's registers from the cubin, and the loads that Triton prefetches in each
     loop: every load of the forward scan's chunk loop and of a decode-step product's weight
-    stream must be (a plain load there waits a full memory latency every step)."""
+    stream must be (a plain load there waits a full memory latency every step). It also counts
+    the Hopper matrix products in each loop and the waits that leave none in flight."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(HERE.parent / "benchmarks" / "kernel_resources.py"), "--dtype", dtype,
@@ -104,8 +105,12 @@ def test_kernels_compile_for_hopper(dtype):
     assert all(1 <= int(row[4]) <= 255 for row in rows), result.stdout
     for name in ("scan_kernel", "_gate_up_kernel"):       # their first rows: the forward scan,
         first = next(row for row in rows if row[0] == name)       # the unsplit product
-        prefetched, plain = map(int, first[-1].split("/"))
+        prefetched, plain = map(int, first[7].split("/"))
         assert prefetched >= 3 and plain == 0, f"{name}: {first}\n{result.stdout}"
+    products = {row[0]: tuple(map(int, row[8].split("/"))) for row in reversed(rows)}
+    assert all(waits <= dots for dots, waits in products.values()), result.stdout
+    if dtype == "bfloat16":     # the forward scan's step: four products on Hopper's units
+        assert products["scan_kernel"][0] == 4, result.stdout
 
 
 def test_dispatch_rule_and_env_var_forcing_the_pytorch_path(monkeypatch):
