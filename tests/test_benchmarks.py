@@ -92,3 +92,24 @@ def test_ncu_summary_reads_the_raw_page(tmp_path):
     assert dq["occ %"] is None and dq["stalls"][0] == (2.0, "barrier") and dq["tensor %"] is None
     result = script("ncu_op.py", "--shapes", "65536")
     assert result.returncode == 2 and "expected T x BATCH" in result.stderr
+
+
+def test_ab_comparison_takes_medians_per_case_and_kernel(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from ab_op import compare
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def record(fwd, scan):
+        return {"rows": [{"t": 65536, "batch": 1, "mode": "fwd", "ms": fwd}],
+                "breakdown_t65536": [{"kernel": "scan_kernel", "calls": 3, "ms": scan}]}
+    runs = {"this": [record(6.0, 9.0), record(6.4, 9.4), record(6.2, 9.2)],
+            "other": [record(5.0, 7.0), record(5.1, 7.2)]}
+    cases, kernels = compare(runs)
+    assert cases == [{"case": (65536, 1, "fwd"), "this": 6.2, "other": 5.05,
+                      "ratio": 5.05 / 6.2}]
+    assert kernels[0]["case"] == "scan_kernel" and kernels[0]["other"] == 7.1
+    assert math.isclose(kernels[0]["ratio"], 7.1 / 9.2)
+    result = script("ab_op.py", "--other", str(tmp_path))
+    assert result.returncode == 2 and "expected a folder holding power_retention/" in result.stderr
