@@ -174,6 +174,8 @@ def main() -> None:
                         help="value columns per program of the scans (BE)")
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--maxnreg", type=int, default=None,
+                        help="cap on registers per thread (as triton.Config's maxnreg)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
@@ -187,7 +189,8 @@ def main() -> None:
             src = ASTSource(fn=fn, signature=sig, constexprs=constexprs,
                             attrs=alignment(fn, sig))
             compiled = triton.compile(src, target=target,
-                                      options={"num_warps": warps, "num_stages": args.stages})
+                                      options={"num_warps": warps, "num_stages": args.stages,
+                                               "maxnreg": args.maxnreg})
             regs, stack = resources(compiled.asm["cubin"])
             ops = loop_ops(compiled.asm["ttgir"])
             print(f"{fn.__name__:<20} {constexprs.get('C', '-'):>4} "

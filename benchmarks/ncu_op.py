@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     ncu, report = find_ncu(), Path(args.out + ".ncu-rep")
     cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--force-overwrite",
            "--export", str(report), *[a for s in SECTIONS for a in ("--section", s)],
-           *[a for m in EXTRA for a in ("--metrics", m)],
+           "--metrics", ",".join(EXTRA),
            sys.executable, __file__, "--workload", "--shapes", *args.shapes]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
