@@ -9,6 +9,7 @@ go through local memory. Compile errors show here too, before any GPU time is sp
 
     python benchmarks/kernel_resources.py                         # bf16, d = e = 64, H100/H200
     python benchmarks/kernel_resources.py --chunks 64 --warps 8 --dtype float16
+    python benchmarks/kernel_resources.py --warps 4 --maxnreg 168      # three programs per SM
 
 Prints one row per kernel and configuration: registers per thread, stack frame (bytes of
 spilled registers per thread), shared memory, the tensor loads inside loops that Triton's

@@ -7,7 +7,7 @@ METHOD.md asks) with profiling off until the workload is warm: per ``--shapes`` 
 batch``, bench_op's inputs: bf16, 16 heads, d = 64, gated) the op is compiled and autotuned
 first, then exactly one forward + backward is profiled (``torch.cuda.profiler.start/stop``).
 Writes ``OUT.ncu-rep`` (open it in Nsight Compute) and ``OUT.csv`` (every collected metric per
-kernel launch) and prints per kernel: time, SM / memory / DRAM throughput and tensor-pipe use
+kernel launch) and prints per kernel: time, SM / memory / DRAM / L2 throughput and tensor-pipe use
 (% of peak), achieved against theoretical occupancy, registers, waves per multiprocessor, issue
 slots busy, and the stall reasons that cost most (warps stalled per issued instruction).
 """
@@ -29,7 +29,8 @@ COLUMNS = {                                   # printed name: raw metric
     "us": "gpu__time_duration.sum",
     "SM %": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
     "mem %": "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",
-    "DRAM %": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "DRAM %": "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+    "L2 %": "lts__throughput.avg.pct_of_peak_sustained_elapsed",
     "occ %": "sm__warps_active.avg.pct_of_peak_sustained_active",
     "occ max %": "sm__maximum_warps_per_active_cycle_pct",
     "regs": "launch__registers_per_thread",
@@ -89,8 +90,8 @@ def summarise(table: Path) -> list[dict]:
         for name, metric in COLUMNS.items():
             value = number(row[index[metric]]) if metric in index else None
             if name == "us" and value is not None:
-                value /= {"nsecond": 1e3, "usecond": 1.0, "msecond": 1e-3}.get(
-                    units[index[metric]], 1.0)
+                value *= {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0,
+                          "msecond": 1e3, "ms": 1e3}[units[index[metric]]]
             entry[name] = value
         stalls = {h[len(STALL):].split("_per_issue")[0]: number(row[i])
                   for h, i in index.items() if h.startswith(STALL)}
