@@ -152,6 +152,27 @@ def time_decode(batch: int, buffered: int, read_copy: bool, bandwidth: float, pr
             "state_read_us": state_bytes / bandwidth * 1e6, "rel_err": err}
 
 
+SCAN_PHASES = ("forward", "backward: recompute", "backward: reverse")
+
+
+def kernel_rows(events) -> list[dict]:
+    """Time per kernel of the profiler's ``events`` (device kernels, any order): the 12 largest,
+    each with its launches and ms. The three ``scan_kernel`` launches of one forward + backward
+    count apart, named by ``SCAN_PHASES`` in launch order (the forward's scan, the backward's
+    recomputation of the chunk states, its reverse scan), since the three differ."""
+    launches = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+    scans = [i for i, e in enumerate(launches) if e.name == "scan_kernel"]
+    phases = dict(zip(scans, SCAN_PHASES)) if len(scans) == len(SCAN_PHASES) else {}
+    rows: dict[str, dict] = {}
+    for i, event in enumerate(launches):
+        name = f"{event.name} ({phases[i]})" if i in phases else event.name[:60]
+        row = rows.setdefault(name, {"kernel": name, "calls": 0, "ms": 0.0})
+        row["calls"] += 1
+        row["ms"] += event.device_time_total / 1e3
+    return sorted(rows.values(), key=lambda r: -r["ms"])[:12]
+
+
 def kernel_breakdown(t: int = TOKENS) -> list[dict]:
     """Time per kernel of one forward + backward at batch 1 (torch.profiler, CUDA activity)."""
     q, k, v, g = make(1, t, requires_grad=True)
@@ -162,12 +183,7 @@ def kernel_breakdown(t: int = TOKENS) -> list[dict]:
     with torch.profiler.profile(activities=activities) as prof:
         torch.autograd.grad(power_retention(q, k, v, g), (q, k, v, g), do)
         torch.cuda.synchronize()
-    rows = []
-    for event in prof.key_averages():
-        us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-        if us > 0:
-            rows.append({"kernel": event.key[:60], "calls": event.count, "ms": us / 1e3})
-    return sorted(rows, key=lambda r: -r["ms"])[:12]
+    return kernel_rows(prof.events())
 
 
 def main() -> None:

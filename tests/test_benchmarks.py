@@ -96,6 +96,35 @@ def test_ncu_summary_reads_the_raw_page(tmp_path):
     assert result.returncode == 2 and "expected T x BATCH" in result.stderr
 
 
+def test_kernel_breakdown_counts_the_three_scans_apart():
+    """``bench_op.py``'s per-kernel table: device kernels only, summed per name, the three scans
+    of a forward + backward named by their order of launch."""
+    import torch
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_op import kernel_rows
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from types import SimpleNamespace
+
+    def event(name, start, us, device="CUDA"):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start),
+                               device_time_total=us,
+                               device_type=getattr(torch.autograd.DeviceType, device))
+    order = ["scan_kernel", "output_fwd_kernel", "scan_kernel", "dq_kernel", "scan_kernel",
+             "dq_kernel"]
+    events = [event(name, start, 1000.0 * (start + 1)) for start, name in enumerate(order)]
+    events.append(event("aten::mm", 2, 9e9, device="CPU"))        # a host event: not counted
+    rows = kernel_rows(events[::-1])                               # any order in, launch order
+    assert {r["kernel"]: (r["calls"], r["ms"]) for r in rows} == {
+        "scan_kernel (forward)": (1, 1.0), "output_fwd_kernel": (1, 2.0),
+        "scan_kernel (backward: recompute)": (1, 3.0), "dq_kernel": (2, 10.0),
+        "scan_kernel (backward: reverse)": (1, 5.0)}
+    assert rows[0]["kernel"] == "dq_kernel"
+    two = kernel_rows(events[:2])                     # not three scans: no phases to name
+    assert [r["kernel"] for r in two] == ["output_fwd_kernel", "scan_kernel"]
+
+
 def test_ab_comparison_takes_medians_per_case_and_kernel(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     try:
