@@ -1,18 +1,21 @@
-"""A/B of the op's kernels on one GPU: this checkout's package against another version.
+"""A/B of the op's kernels on one GPU: this checkout's package against other versions.
 
-The other version (a branch, an older commit) is a copy of its ``src`` folder; both are timed in
-the same call, as ``bench_op.py`` times them.
+Each other version (a branch, an older commit) is a copy of its ``src`` folder, named after the
+folder holding it; all are timed in the same call, as ``bench_op.py`` times them.
 
-    # here: the other version's package into an ignored folder that travels with `carry`
-    echo /.ab/ >> .git/info/exclude; rm -rf .ab; mkdir .ab
-    git archive experiment/async-scan src | tar -x -C .ab
+    # here: each other version's package into an ignored folder that travels with `carry`
+    echo /.ab/ >> .git/info/exclude; rm -rf .ab
+    for b in three-scans overlap-scans; do mkdir -p .ab/$b
+        git archive experiment/$b src tests pyproject.toml | tar -x -C .ab/$b; done
     # on the GPU machine (run with carry [".ab"]):
-    python3 benchmarks/ab_op.py --other .ab/src --out $OUT/ab.json
+    python3 benchmarks/ab_op.py --other .ab/three-scans/src --other .ab/overlap-scans/src \
+        --out $OUT/ab.json
 
 Each version runs ``bench_op.py`` (ours only: no SDPA, decode, long or odd lengths) in its own
-process with its own chunk-size cache, the two alternating ``--repeats`` times so that a drift
-of the GPU's clocks falls on both. Prints per case the median of each version's times and their
-ratio, and the per-kernel times of one forward + backward at 64k; writes every run to ``--out``.
+process with its own chunk-size cache, the versions taking turns ``--repeats`` times so that a
+drift of the GPU's clocks falls on all. Prints per case the median of each version's times and
+its ratio to this checkout's, and the per-kernel times of one forward + backward at 64k; writes
+every run to ``--out``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def run_bench(src: Path, cache: Path, out: Path, seq_lens: str) -> dict:
 
 def compare(runs: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
     """Median ms per case (t, batch, mode) and per kernel for each version of ``runs``
-    (``{"this": [record, ..], "other": [..]}``), with ``other / this``."""
+    (``{"this": [record, ..], "other": [..], ..}``), with each version's ratio to ``this``."""
     def medians(records, rows_of, key):
         found: dict = {}
         for record in records:
@@ -56,24 +59,38 @@ def compare(runs: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
     tables = []
     for rows_of, key in ((cases, lambda r: (r["t"], r["batch"], r["mode"])),
                          (kernels, lambda r: r["kernel"])):
-        this, other = (medians(runs[v], rows_of, key) for v in ("this", "other"))
-        tables.append([{"case": k, "this": this[k], "other": other[k],
-                        "ratio": other[k] / this[k]} for k in this if k in other])
+        ms = {name: medians(records, rows_of, key) for name, records in runs.items()}
+        tables.append([{"case": k, "ms": {name: ms[name][k] for name in runs},
+                        "ratio": {name: ms[name][k] / ms["this"][k] for name in runs
+                                  if name != "this"}}
+                       for k in ms["this"] if all(k in m for m in ms.values())])
     return tables[0], tables[1]
+
+
+def version_name(src: Path) -> str:
+    """``.ab/three-scans/src`` -> ``three-scans``: the folder a copied ``src`` lies in."""
+    return src.parent.name if src.name == "src" else src.name
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--other", required=True, type=Path,
-                        help="the other version's package folder (holding power_retention/)")
+    parser.add_argument("--other", required=True, type=Path, action="append",
+                        help="another version's package folder (holding power_retention/); "
+                             "repeat for several")
     parser.add_argument("--seq-lens", default="16384,65536",
                         help="t of the cases, 65,536 tokens per call (bench_op.py's rule)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each version")
     parser.add_argument("--out", default="ab.json")
     args = parser.parse_args(argv)
-    if not (args.other / "power_retention" / "__init__.py").is_file():
-        parser.error(f"--other: expected a folder holding power_retention/, got {args.other}")
-    versions = {"this": HERE.parent / "src", "other": args.other.resolve()}
+    versions = {"this": HERE.parent / "src"}
+    for src in args.other:
+        if not (src / "power_retention" / "__init__.py").is_file():
+            parser.error(f"--other: expected a folder holding power_retention/, got {src}")
+        name = version_name(src.resolve())
+        if name in versions:
+            parser.error(f"--other: two versions named {name!r}; put them in folders of "
+                         "different names")
+        versions[name] = src.resolve()
     runs: dict[str, list[dict]] = {v: [] for v in versions}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
@@ -85,16 +102,19 @@ def main(argv=None) -> None:
     Path(args.out).write_text(json.dumps({"versions": {k: str(v) for k, v in versions.items()},
                                           "runs": runs, "cases": cases, "kernels": kernels},
                                          indent=1))
-    print(f"\nmedian ms of {args.repeats} runs each; this = {versions['this']}, "
-          f"other = {versions['other']}")
-    for row in cases:
-        t, batch, mode = row["case"]
-        print(f"t {t:>8} batch {batch:>3} {mode:>8}: this {row['this']:8.3f}  other "
-              f"{row['other']:8.3f}  other/this {row['ratio']:.3f}")
-    print("per kernel, one forward + backward at 64k:")
-    for row in kernels:
-        print(f"{row['case'][:40]:40} this {row['this']:7.3f}  other {row['other']:7.3f}  "
-              f"other/this {row['ratio']:.3f}")
+    names = list(versions)
+    print(f"\nmedian ms of {args.repeats} runs each; ratio = version / this; "
+          + ", ".join(f"{n} = {versions[n]}" for n in names))
+    print(f"{'':40}" + "".join(f"{n[:14]:>15}" for n in names)
+          + "".join(f"{'/ ' + n[:12]:>15}" for n in names[1:]))
+    for title, rows in (("case", cases), ("per kernel, one forward + backward at 64k", kernels)):
+        print(title)
+        for row in rows:
+            case = row["case"]
+            label = (f"t {case[0]} batch {case[1]} {case[2]}" if isinstance(case, (list, tuple))
+                     else case)
+            print(f"{label[:40]:40}" + "".join(f"{row['ms'][n]:15.3f}" for n in names)
+                  + "".join(f"{row['ratio'][n]:15.3f}" for n in names[1:]))
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def test_kernel_breakdown_counts_the_three_scans_apart():
 def test_ab_comparison_takes_medians_per_case_and_kernel(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from ab_op import compare
+        from ab_op import compare, version_name
     finally:
         sys.path.remove(str(BENCHMARKS))
 
@@ -136,11 +136,18 @@ def test_ab_comparison_takes_medians_per_case_and_kernel(tmp_path):
         return {"rows": [{"t": 65536, "batch": 1, "mode": "fwd", "ms": fwd}],
                 "breakdown_t65536": [{"kernel": "scan_kernel", "calls": 3, "ms": scan}]}
     runs = {"this": [record(6.0, 9.0), record(6.4, 9.4), record(6.2, 9.2)],
-            "other": [record(5.0, 7.0), record(5.1, 7.2)]}
+            "a": [record(5.0, 7.0), record(5.1, 7.2)], "b": [record(7.0, 9.2)]}
     cases, kernels = compare(runs)
-    assert cases == [{"case": (65536, 1, "fwd"), "this": 6.2, "other": 5.05,
-                      "ratio": 5.05 / 6.2}]
-    assert kernels[0]["case"] == "scan_kernel" and kernels[0]["other"] == 7.1
-    assert math.isclose(kernels[0]["ratio"], 7.1 / 9.2)
+    assert cases == [{"case": (65536, 1, "fwd"), "ms": {"this": 6.2, "a": 5.05, "b": 7.0},
+                      "ratio": {"a": 5.05 / 6.2, "b": 7.0 / 6.2}}]
+    assert kernels[0]["case"] == "scan_kernel" and kernels[0]["ms"]["a"] == 7.1
+    assert math.isclose(kernels[0]["ratio"]["a"], 7.1 / 9.2) and kernels[0]["ratio"]["b"] == 1.0
+    assert version_name(Path("/x/.ab/three-scans/src")) == "three-scans"
     result = script("ab_op.py", "--other", str(tmp_path))
     assert result.returncode == 2 and "expected a folder holding power_retention/" in result.stderr
+    for name in ("one", "two"):
+        (tmp_path / name / "v" / "power_retention").mkdir(parents=True)
+        (tmp_path / name / "v" / "power_retention" / "__init__.py").touch()
+    result = script("ab_op.py", "--other", str(tmp_path / "one" / "v"), "--other",
+                    str(tmp_path / "two" / "v"))
+    assert result.returncode == 2 and "two versions named 'v'" in result.stderr
