@@ -6,6 +6,7 @@ copy for contiguous inputs); a batch of ``B`` equal-length sequences is packed a
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -235,6 +236,24 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scal
                                scale, C)
 
 
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """A second stream of ``device`` for work that may overlap the current stream's (None for
+    CPU tensors, which the interpreter runs in order)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
+
+def _on(stream: torch.cuda.Stream | None):
+    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
+
+
 def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scale: float,
                   C: int):
     B, T, Hq, d = q.shape
@@ -246,7 +265,14 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
     flags = dict(USE_GATE=gf is not None, KP=KP, **_flags(q.dtype))
     Ttot = B * T
 
-    states, zstates, _, _ = _states(qf, kf, vf, gf, S0, z0, lay, C)
+    # the chunk states on a second stream: the reverse scan needs only q and do, so the two
+    # scans run side by side and fill each other's last round of programs (a batch-1 scan's
+    # 576 programs are 2.18 waves of two per multiprocessor: three rounds each, five together)
+    side = _side_stream(q.device)
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(q.device))
+    with _on(side):
+        states, zstates, _, _ = _states(qf, kf, vf, gf, S0, z0, lay, C)
     o, den = _flat(o), den.reshape(Ttot, Hq)
     # do / den in the dtype the products read it in (bf16 for bf16 inputs)
     dy = _empty(Ttot, Hq, e, dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32,
@@ -263,6 +289,11 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
                                         coef_scale=scale * scale, groups=Hq // Hk,
                                         st_dtype=states.dtype, store_final=S0 is not None)
 
+    if side is not None:
+        main = torch.cuda.current_stream(q.device)
+        main.wait_stream(side)
+        for x in (states, zstates):
+            x.record_stream(main)   # made on the side stream, read and freed on this one
     dq = _empty(*qf.shape, dtype=q.dtype, device=q.device)
     dk = _empty(*kf.shape, dtype=q.dtype, device=q.device)
     dv = _empty(*vf.shape, dtype=q.dtype, device=q.device)
