@@ -241,8 +241,9 @@ _side_streams: dict[int, torch.cuda.Stream] = {}
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
     """A second stream of ``device`` for work that may overlap the current stream's (None for
-    CPU tensors, which the interpreter runs in order)."""
-    if device.type != "cuda":
+    CPU tensors, which the interpreter runs in order, and while a CUDA graph is captured, which
+    then records one stream's order)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _side_streams:
