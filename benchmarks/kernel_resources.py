@@ -44,9 +44,9 @@ TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 INTS = {"Hk", "Hq", "Hx", "d", "e", "D", "SEQS", "L", "T", "held", "cap", "H", "N", "M"}
 INDEX = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_indices": "*i32",
          "counters": "*i32"}
-INPUTS = {"q", "k", "v", "x", "o", "do", "dq", "dk", "dv", "bk", "bv", "q_out", "k_out", "cos",
-          "sin", "res", "w", "out", "total", "gate", "up", "wq", "wk", "wv", "wg", "wu", "bq",
-          "bu", "bias"}
+INPUTS = {"q", "k", "v", "x", "o", "o_low", "do", "dq", "dk", "dv", "bk", "bv", "q_out", "k_out",
+          "cos", "sin", "res", "w", "out", "total", "gate", "up", "wq", "wk", "wv", "wg", "wu",
+          "bq", "bu", "bias"}
 
 
 def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
@@ -122,6 +122,7 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
     flags = {**host._flags(dtype), "USE_GATE": True}
     tiling = {"BD": host.BD, "KP": host.KP, "NB": d // host.BD}
     EP = max(16, triton.next_power_of_2(e))
+    low = host.low_width(dtype, e) > 0
     for C in chunks:
         # the scans forward (keys, values, an initial state) and reverse (queries, dy, dy_z;
         # also as training runs it: no final-state gradient in, no initial one out), and the
@@ -138,10 +139,10 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
             for BE in blocks:
                 yield kernels.scan_kernel, dict(C=C, BE=BE, GROUPS=1, LOOP_FOR=True, **way,
                                                 **tiling, **flags)
-        yield kernels.output_fwd_kernel, dict(C=C, EP=EP, **tiling, **flags)
+        yield kernels.output_fwd_kernel, dict(C=C, EP=EP, LOW=low, **tiling, **flags)
         yield kernels.dq_kernel, dict(C=C, EP=EP, **tiling, **flags)
         yield kernels.dkv_kernel, dict(C=C, EP=EP, GROUPS=1, **tiling, **flags)
-    yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP)
+    yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP, LOW=low)
     precision = "ieee" if dtype == torch.float32 else "tf32"
     D = d * (d + 1) // 2
     for R in (64, 32) if e <= 64 else (32,):                # as host.decode_into picks

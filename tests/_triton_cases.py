@@ -86,10 +86,10 @@ def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None,
 
     S0, z0 = (None, None) if state is None else state
     scale = d ** -0.5
-    o, S, z, den = host.forward(q, k, v, g, S0, z0, cu_seqlens, scale, chunk, final)
+    o, S, z, den, o_low = host.forward(q, k, v, g, S0, z0, cu_seqlens, scale, chunk, final)
     grads = host.backward(do.to(dtype), dS.float() if final else None,
                           dz.float() if final else None, q, k, v, g, S0, z0, cu_seqlens, o,
-                          den, scale, chunk)
+                          den, o_low, scale, chunk)
     if final:
         errors = {"o": rel_err(o, ro), "S": rel_err(S, rS), "z": rel_err(z, rz)}
     else:
@@ -100,6 +100,8 @@ def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None,
     present = [x for x in grads if x is not None]
     for name, got, ref in zip(names, present, ref_leaves):
         errors[name] = rel_err(got, ref.grad)
+    if o_low.shape[-1]:        # o + o_low: the output as computed, in fp32 (0: it is)
+        errors["o_low_short"] = float(rel_err(o.double() + o_low.double(), ro) > 1e-5)
     for name, x in [("o", o), ("S", S), ("z", z)] + list(zip(names, present)):
         if not bool(torch.isfinite(x).all()):
             errors[name] = float("nan")
@@ -130,6 +132,12 @@ def case_fp32_d64_state():
 def case_fp32_wide_values():
     """e > 64 in fp32: index blocks of 8, padded to 16 columns for the matrix units."""
     return check_op(1, 23, 2, 1, 16, 72, torch.float32, chunk=16)
+
+
+def case_fp16_wide_values():
+    """e > 64 in fp16: the forward keeps what rounding the output left out (``o_low``) for
+    the gradient of the denominators."""
+    return check_op(1, 23, 2, 1, 16, 72, torch.float16, chunk=16)
 
 
 def case_fp32_packed_empty_segment():

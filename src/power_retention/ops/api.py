@@ -34,17 +34,24 @@ def _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size):
 @torch.library.custom_op("power_retention::forward", mutates_args=())
 def _forward(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None, S0: Tensor | None,
              z0: Tensor | None, cu_seqlens: Tensor | None, deg: int, scale: float,
-             chunk_size: int, final_state: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(o, S, z, den)``: output, final state (no sequences in it without ``final_state``: a
-    packed call need not hold a state per sequence) and the denominators ``[B, T, Hq]``, which
-    the Triton backward reuses with ``o`` instead of recomputing the outputs."""
+             chunk_size: int, final_state: bool
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(o, S, z, den, o_low)``: output, final state (no sequences in it without
+    ``final_state``: a packed call need not hold a state per sequence), the denominators ``[B,
+    T, Hq]`` and what rounding ``o`` to its dtype left out (``[B, T, Hq, _low_width]``, mostly
+    0 columns), which the Triton backward reuses with ``o`` instead of recomputing the
+    outputs."""
     if _use_triton(q, v, deg):
         return _triton_ops.forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
                                    chunk_size or None, final_state)
     o, final, den = _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size)
     kept = slice(None) if final_state else slice(0)
     # custom-op outputs may not alias inputs (an empty sequence returns its initial state)
-    return o, final.S[kept].clone(), final.z[kept].clone(), den
+    return o, final.S[kept].clone(), final.z[kept].clone(), den, o.new_empty(*o.shape[:3], 0)
+
+
+def _low_width(q: Tensor, v: Tensor, deg: int) -> int:
+    return _triton_ops.low_width(q.dtype, v.shape[-1]) if _use_triton(q, v, deg) else 0
 
 
 @_forward.register_fake
@@ -55,19 +62,20 @@ def _(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size, final_state
     N = N if final_state else 0
     D, dt = sympow_dim(d, deg), compute_dtype(q.dtype)
     return (q.new_empty(B, T, Hq, e), q.new_empty(N, Hk, D, e, dtype=dt),
-            q.new_empty(N, Hk, D, dtype=dt), q.new_empty(B, T, Hq, dtype=dt))
+            q.new_empty(N, Hk, D, dtype=dt), q.new_empty(B, T, Hq, dtype=dt),
+            q.new_empty(B, T, Hq, _low_width(q, v, deg)))
 
 
 @torch.library.custom_op("power_retention::backward", mutates_args=())
 def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tensor, v: Tensor,
               log_gate: Tensor | None, S0: Tensor | None, z0: Tensor | None,
-              cu_seqlens: Tensor | None, o: Tensor, den: Tensor, deg: int,
+              cu_seqlens: Tensor | None, o: Tensor, den: Tensor, o_low: Tensor, deg: int,
               scale: float, chunk_size: int) -> list[Tensor]:
     final_state = grad_S.shape[0] > 0          # the forward kept it (else its gradient is 0)
     if _use_triton(q, v, deg):
         grads = _triton_ops.backward(grad_o, grad_S if final_state else None,
                                      grad_z if final_state else None, q, k, v, log_gate, S0,
-                                     z0, cu_seqlens, o, den, scale, chunk_size or None)
+                                     z0, cu_seqlens, o, den, o_low, scale, chunk_size or None)
         return [g.contiguous() for g in grads if g is not None]   # as the fake promises
     # Recompute the forward and differentiate it, rather than storing its intermediates.
     # torch.func.vjp works here, where the custom op runs below the autograd dispatch key.
@@ -98,21 +106,21 @@ def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tens
 
 
 @_backward.register_fake
-def _(grad_o, grad_S, grad_z, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, deg, scale,
+def _(grad_o, grad_S, grad_z, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, o_low, deg, scale,
       chunk_size):
     return [x.new_empty(x.shape) for x in (q, k, v, log_gate, S0, z0) if x is not None]
 
 
 def _setup_context(ctx, inputs, output):
-    # o and den: the Triton backward reuses them (the PyTorch one recomputes everything)
-    ctx.save_for_backward(*inputs[:7], output[0], output[3])
+    # o, den and o_low: the Triton backward reuses them (the PyTorch one recomputes everything)
+    ctx.save_for_backward(*inputs[:7], output[0], output[3], output[4])
     ctx.params = inputs[7:10]                   # deg, scale, chunk_size
 
 
-def _autograd_backward(ctx, grad_o, grad_S, grad_z, grad_den):
-    q, k, v, log_gate, S0, z0, cu_seqlens, o, den = ctx.saved_tensors
+def _autograd_backward(ctx, grad_o, grad_S, grad_z, grad_den, grad_o_low):
+    q, k, v, log_gate, S0, z0, cu_seqlens, o, den, o_low = ctx.saved_tensors
     grads = iter(_backward(grad_o.contiguous(), grad_S.contiguous(), grad_z.contiguous(), q, k, v,
-                           log_gate, S0, z0, cu_seqlens, o, den, *ctx.params))
+                           log_gate, S0, z0, cu_seqlens, o, den, o_low, *ctx.params))
     dq, dk, dv = next(grads), next(grads), next(grads)
     dg = next(grads) if log_gate is not None else None
     dS = next(grads) if S0 is not None else None
@@ -163,8 +171,8 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None = N
     deg, scale = check_inputs(q, k, v, log_gate, deg, scale, chunk_size, initial_state,
                               cu_seqlens)
     S0, z0 = (None, None) if initial_state is None else initial_state
-    o, S, z, _ = _forward(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size or 0,
-                          bool(output_final_state))
+    o, S, z, _, _ = _forward(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size or 0,
+                             bool(output_final_state))
     return (o, RetentionState(S, z)) if output_final_state else o
 
 

@@ -45,6 +45,16 @@ def supported(q: torch.Tensor, v: torch.Tensor, deg: int) -> bool:
             and d in (16, 32, 64, 128) and d <= largest and 1 <= e <= 128)
 
 
+def low_width(dtype: torch.dtype, e: int) -> int:
+    """Columns of ``o_low``, what rounding the output to a 16-bit dtype leaves out, which the
+    forward keeps for the backward when ``e > 64``: the gradient of the denominators, ``-(do .
+    o) / den``, sums ``e`` products with the output, and with 128 bf16-rounded outputs it
+    missed its tolerance (the initial normaliser's gradient 3.1e-2 on the H200, runs 4 and 6
+    of docs/benchmarks.md). 0 otherwise: ``o`` alone is exact in fp32, and precise enough in
+    16 bits at ``e <= 64`` (5.4e-3 in bf16)."""
+    return e if dtype in (torch.float16, torch.bfloat16) and e > 64 else 0
+
+
 class _Launcher:
     """A kernel behind ``triton.autotune`` for bf16 inputs (the fast path the benchmarks time)
     over warps and pipeline stages. fp16/fp32 inputs, whose fp32 state tiles need more shared
@@ -172,13 +182,15 @@ def _outputs(q, k, v, g, states, zstates, lay: _Layout, scale: float, C: int):
     Ttot, Hq, d = q.shape
     Hk, e = k.shape[1], v.shape[2]
     o = _empty(Ttot, Hq, e, dtype=q.dtype, device=q.device)
+    o_low = _empty(Ttot, Hq, low_width(q.dtype, e), dtype=q.dtype, device=q.device)
     den = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
     if lay.n_chunks:
-        output_fwd[(lay.n_chunks, Hq)](q, k, v, g, states, zstates, o, den, lay.cu,
+        output_fwd[(lay.n_chunks, Hq)](q, k, v, g, states, zstates, o, o_low, den, lay.cu,
                                        lay.chunk_indices, scale, Hq, Hk, d, e, C=C, BD=BD,
                                        KP=KP, NB=d // BD, EP=_pow2(e),
-                                       USE_GATE=g is not None, **_flags(q.dtype))
-    return o, den
+                                       USE_GATE=g is not None, LOW=o_low.shape[-1] > 0,
+                                       **_flags(q.dtype))
+    return o, o_low, den
 
 
 def _run_forward(q, k, v, g, S0, z0, cu_seqlens, scale, C, final_state=True):
@@ -187,8 +199,9 @@ def _run_forward(q, k, v, g, S0, z0, cu_seqlens, scale, C, final_state=True):
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     gf = None if g is None else _flat(g)
     states, zstates, S_T, z_T = _states(qf, kf, vf, gf, S0, z0, lay, C, final_state)
-    o, den = _outputs(qf, kf, vf, gf, states, zstates, lay, scale, C)
-    return o.view(B, T, *o.shape[1:]), S_T, z_T, den.view(B, T, -1)
+    o, o_low, den = _outputs(qf, kf, vf, gf, states, zstates, lay, scale, C)
+    return (o.view(B, T, *o.shape[1:]), S_T, z_T, den.view(B, T, -1),
+            o_low.view(B, T, *o_low.shape[1:]))
 
 
 def _largest_chunk(dtype: torch.dtype) -> int:
@@ -208,9 +221,10 @@ def _chunk(chunk_size, q, *args, for_backward: bool = False) -> int:
 
 def forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale: float, chunk_size: int | None = None,
             final_state: bool = True):
-    """``(o [B,T,Hq,e], S [N,Hk,D,e], z [N,Hk,D], den [B,T,Hq])``; arguments as
-    ``power_retention``'s, the initial state split into ``S0, z0`` (or None). ``chunk_size``
-    None picks a tuned one. ``den`` (fp32 denominators) lets ``backward`` skip the outputs.
+    """``(o [B,T,Hq,e], S [N,Hk,D,e], z [N,Hk,D], den [B,T,Hq], o_low [B,T,Hq,low])``;
+    arguments as ``power_retention``'s, the initial state split into ``S0, z0`` (or None).
+    ``chunk_size`` None picks a tuned one. ``den`` (fp32 denominators) and ``o_low``
+    (``low_width`` columns) let ``backward`` skip the outputs.
     Without ``final_state`` the final state is not kept (``N = 0``). A call whose chunk states
     would not fit the GPU runs in pieces (``_passes``)."""
     C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale)
@@ -220,20 +234,20 @@ def forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale: float, chunk_size: int
     return _forward_in_pieces(q, k, v, log_gate, S0, z0, passes, scale, C, final_state)
 
 
-def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scale: float,
-             chunk_size: int | None = None):
+def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, o_low,
+             scale: float, chunk_size: int | None = None):
     """Gradients ``dq, dk, dv, dlog_gate, dS0, dz0`` (None for absent inputs), given
-    ``forward``'s ``o`` and ``den`` and the final state's gradient ``dS_T, dz_T`` (None: zero);
-    the chunk states are recomputed rather than stored. A call
-    whose chunk states (two sets: the scan and the reverse scan) would not fit the GPU runs in
-    pieces (``_passes``)."""
+    ``forward``'s ``o``, ``den`` and ``o_low`` and the final state's gradient ``dS_T, dz_T``
+    (None: zero); the chunk states are recomputed rather than stored. A call whose chunk
+    states (two sets: the scan and the reverse scan) would not fit the GPU runs in pieces
+    (``_passes``)."""
     C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale, for_backward=True)
     passes = _passes(q, k, v, cu_seqlens, C, buffers=2)
     if passes is None:
         return _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
-                             scale, C)
+                             o_low, scale, C)
     return _backward_in_pieces(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, passes, o, den,
-                               scale, C)
+                               o_low, scale, C)
 
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
@@ -255,8 +269,8 @@ def _on(stream: torch.cuda.Stream | None):
     return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
 
 
-def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, scale: float,
-                  C: int):
+def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, o_low,
+                  scale: float, C: int):
     B, T, Hq, d = q.shape
     Hk, e = k.shape[2], v.shape[3]
     NB, EP = d // BD, _pow2(e)
@@ -274,7 +288,7 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
         side.wait_stream(torch.cuda.current_stream(q.device))
     with _on(side):
         states, zstates, _, _ = _states(qf, kf, vf, gf, S0, z0, lay, C)
-    o, den = _flat(o), den.reshape(Ttot, Hq)
+    o, o_low, den = _flat(o), _flat(o_low), den.reshape(Ttot, Hq)
     # do / den in the dtype the products read it in (bf16 for bf16 inputs)
     dy = _empty(Ttot, Hq, e, dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32,
                 device=q.device)
@@ -282,7 +296,7 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
     if Ttot:
         BT = 64
         kernels.prepare_bwd_kernel[(triton.cdiv(Ttot, BT), Hq)](
-            o, dof, den, dy, dyz, Ttot, Hq, e, BT=BT, EP=EP)
+            o, o_low, dof, den, dy, dyz, Ttot, Hq, e, BT=BT, EP=EP, LOW=o_low.shape[-1] > 0)
 
     if dS_T is not None:
         dS_T, dz_T = dS_T.contiguous().float(), dz_T.contiguous().float()
@@ -354,8 +368,8 @@ def _passes(q, k, v, cu_seqlens, C: int, buffers: int) -> list[_Pass] | None:
         NB, size = d // BD, q.element_size()
         st_bytes = 2 if q.dtype == torch.bfloat16 else 4
         per_chunk = buffers * Hk * NB * (NB + 1) // 2 * BD * BD * (e * st_bytes + 4)
-        # o and den (forward); dy, dy_z, dq, dk, dv and the gates' parts (backward)
-        per_token = (Hq * (e * size + 4) if buffers == 1 else
+        # o, o_low and den (forward); dy, dy_z, dq, dk, dv and the gates' parts (backward)
+        per_token = (Hq * ((e + low_width(q.dtype, e)) * size + 4) if buffers == 1 else
                      Hq * (e * st_bytes + 8 + d * size) + Hk * ((d + e) * size + 4))
         sequences = B if cu_seqlens is None else cu_seqlens.numel() - 1
         # and a float32 state per sequence: the final one (forward); the final one's gradient,
@@ -431,6 +445,7 @@ def _forward_in_pieces(q, k, v, g, S0, z0, passes: list[_Pass], scale: float, C:
     gf = None if g is None else _flat(g)
     N = passes[-1].first + len(passes[-1].bounds) - 1
     o = _empty(B * T, Hq, e, dtype=q.dtype, device=q.device)
+    o_low = _empty(B * T, Hq, low_width(q.dtype, e), dtype=q.dtype, device=q.device)
     den = _empty(B * T, Hq, dtype=torch.float32, device=q.device)
     # the passes keep their final states (the cut ones are carried); the user gets them if asked
     S_T = _empty(N if final_state else 0, Hk, D, e, dtype=torch.float32, device=q.device)
@@ -439,23 +454,25 @@ def _forward_in_pieces(q, k, v, g, S0, z0, passes: list[_Pass], scale: float, C:
     for p in passes:
         S0p, z0p = _pass_state(p, S0, z0, carried)
         *xs, cu = _pass_inputs(p, qf, kf, vf, gf)
-        op, Sp, zp, denp = _run_forward(*xs, S0p, z0p, cu, scale, C)
-        o[p.a:p.b], den[p.a:p.b] = op[0], denp[0]
+        op, Sp, zp, denp, lowp = _run_forward(*xs, S0p, z0p, cu, scale, C)
+        o[p.a:p.b], den[p.a:p.b], o_low[p.a:p.b] = op[0], denp[0], lowp[0]
         ended = len(p.bounds) - 1 - p.continues          # segments that end their sequence
         if final_state:
             S_T[p.first:p.first + ended], z_T[p.first:p.first + ended] = Sp[:ended], zp[:ended]
         carried = (Sp[-1:], zp[-1:]) if p.continues else None
-    return o.view(B, T, Hq, e), S_T, z_T, den.view(B, T, Hq)
+    return (o.view(B, T, Hq, e), S_T, z_T, den.view(B, T, Hq),
+            o_low.view(B, T, Hq, o_low.shape[-1]))
 
 
 def _backward_in_pieces(do, dS_T, dz_T, q, k, v, g, S0, z0, passes: list[_Pass], o, den,
-                        scale: float, C: int):
+                        o_low, scale: float, C: int):
     """The passes in reverse, each carrying the gradient of the state at its start to the pass
     before; the state entering each resuming pass comes first, from forward scans of the
     segments that continue (without chunk states: about a sixth of the work of a backward)."""
     B, T, Hq, _ = q.shape
     st_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-    qf, kf, vf, dof, of = _flat(q), _flat(k), _flat(v), _flat(do), _flat(o)
+    qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(do)
+    of, lowf = _flat(o), _flat(o_low)
     gf = None if g is None else _flat(g)
     denf = den.reshape(B * T, Hq)
     entering, carried = [], None
@@ -488,7 +505,7 @@ def _backward_in_pieces(do, dS_T, dz_T, q, k, v, g, S0, z0, passes: list[_Pass],
             dSp = dzp = None
         if p.continues:
             dSp, dzp = torch.cat([dSp[:-1], carried[0]]), torch.cat([dzp[:-1], carried[1]])
-        *views, cu = _pass_inputs(p, dof, qf, kf, vf, gf, of, denf)
+        *views, cu = _pass_inputs(p, dof, qf, kf, vf, gf, of, denf, lowf)
         part = _run_backward(views[0], dSp, dzp, *views[1:5], S0p, z0p, cu, *views[5:], scale,
                              C)
         for full, x in zip(grads[:4], part[:4]):
@@ -609,13 +626,14 @@ def pick_chunk_size(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
         times = {min(max(CHUNK_CANDIDATES), _largest_chunk(q.dtype)): 0.0} if not fits else {}
         if for_backward and fits:
             with torch.no_grad():
-                o, S, z, den = _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, fits[0])
+                o, S, z, den, o_low = _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
+                                                   fits[0])
             do, dS, dz = torch.ones_like(o), torch.zeros_like(S), torch.zeros_like(z)
         for C in fits:
             def run(C=C):
                 if for_backward:
                     return backward(do, dS, dz, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
-                                    scale, C)
+                                    o_low, scale, C)
                 return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C)
             times[C] = triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median")
         _chunk_cache[key] = min(times, key=times.get)

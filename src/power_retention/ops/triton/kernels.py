@@ -292,13 +292,14 @@ def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqle
 
 
 @triton.jit
-def output_fwd_kernel(q, k, v, g, states, zstates, o, den_out, cu_seqlens, chunk_indices,
-                      scale, Hq, Hk, d, e,
+def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens,
+                      chunk_indices, scale, Hq, Hk, d, e,
                       C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
-                      EP: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
-                      PREC: tl.constexpr):
+                      EP: tl.constexpr, USE_GATE: tl.constexpr, LOW: tl.constexpr,
+                      BF16: tl.constexpr, PREC: tl.constexpr):
     """Outputs of one (chunk, query head): attention inside the chunk plus the incoming state,
-    numerator and denominator added before the division. Also writes the denominator."""
+    numerator and denominator added before the division. Also writes the denominator and, with
+    ``LOW``, what rounding the output to its dtype left out (``o_low``, same dtype)."""
     i_c, i_hq = tl.program_id(0), tl.program_id(1)
     i_h = i_hq // (Hq // Hk)
     i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
@@ -348,30 +349,36 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, den_out, cu_seqlens, chunk
     num += from_start[:, None] * num_s
     den += from_start * den_s
     out = num / tl.where(den == 0, 1.0, den)[:, None]
-    tl.store(o + (t[:, None] * Hq + i_hq) * e + re[None, :], out.to(o.dtype.element_ty),
-             mask=mt[:, None] & me[None, :])
+    high = out.to(o.dtype.element_ty)
+    at = (t[:, None] * Hq + i_hq) * e + re[None, :]
+    tl.store(o + at, high, mask=mt[:, None] & me[None, :])
+    if LOW:
+        tl.store(o_low + at, (out - high.to(tl.float32)).to(o_low.dtype.element_ty),
+                 mask=mt[:, None] & me[None, :])
     tl.store(den_out + t * Hq + i_hq, den, mask=mt)
 
 
 @triton.jit
-def prepare_bwd_kernel(o, do, den, dy, dyz, T, Hq, e,
-                       BT: tl.constexpr, EP: tl.constexpr):
+def prepare_bwd_kernel(o, o_low, do, den, dy, dyz, T, Hq, e,
+                       BT: tl.constexpr, EP: tl.constexpr, LOW: tl.constexpr):
     """Gradient of the division: ``dy_v = do / den`` (``dy``, in the dtype the products read:
     bf16 for bf16 inputs, fp32 otherwise) and ``dy_z = -(do . o) / den`` for the denominator
-    column (0 where ``den == 0``)."""
+    column (0 where ``den == 0``), with ``LOW`` from ``o + o_low``."""
     i_t, i_hq = tl.program_id(0), tl.program_id(1)
     t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
     mt = t < T
     re = tl.arange(0, EP)
     m = mt[:, None] & (re < e)[None, :]
-    oo = tl.load(o + (t[:, None] * Hq + i_hq) * e + re[None, :], mask=m, other=0.0)
-    gg = tl.load(do + (t[:, None] * Hq + i_hq) * e + re[None, :], mask=m, other=0.0)
+    at = (t[:, None] * Hq + i_hq) * e + re[None, :]
+    oo = tl.load(o + at, mask=m, other=0.0).to(tl.float32)
+    if LOW:
+        oo += tl.load(o_low + at, mask=m, other=0.0).to(tl.float32)
+    gg = tl.load(do + at, mask=m, other=0.0)
     dd = tl.load(den + t * Hq + i_hq, mask=mt, other=1.0)
     zero = dd == 0
     inv = 1.0 / tl.where(zero, 1.0, dd)
-    delta = tl.sum(oo.to(tl.float32) * gg.to(tl.float32), axis=1)
-    tl.store(dy + (t[:, None] * Hq + i_hq) * e + re[None, :],
-             (gg.to(tl.float32) * inv[:, None]).to(dy.dtype.element_ty), mask=m)
+    delta = tl.sum(oo * gg.to(tl.float32), axis=1)
+    tl.store(dy + at, (gg.to(tl.float32) * inv[:, None]).to(dy.dtype.element_ty), mask=m)
     tl.store(dyz + t * Hq + i_hq, tl.where(zero, 0.0, -delta * inv), mask=mt)
 
 
