@@ -187,6 +187,7 @@ def kernel_breakdown(t: int = TOKENS) -> list[dict]:
 
 
 def main() -> None:
+    global D_HEAD
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_op.json")
     parser.add_argument("--seq-lens", default="1024,4096,8192,16384,65536")
@@ -197,7 +198,10 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                         help="skip the per-kernel profile of one forward + backward at 64k")
+    parser.add_argument("--head-dim", type=int, default=D_HEAD, choices=(32, 64, 128),
+                        help="d = e of every case (BENCHMARKS.md's standard cases: 64)")
     args = parser.parse_args()
+    D_HEAD = args.head_dim
     torch.manual_seed(0)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -241,7 +245,7 @@ def main() -> None:
     save(odd=odd, breakdown_t65536=breakdown)
 
     print(f"\n{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
-    print("bf16, 16 heads, d = e = 64, p = 2, gated; median ms (TFLOP/s)")
+    print(f"bf16, {HEADS} heads, d = e = {D_HEAD}, p = 2, gated; median ms (TFLOP/s)")
     header = f"{'t':>9} {'batch':>5} {'mode':>8} | {'ours':>16} {'chunk':>5} {'err':>8} |" \
              f" {'cuDNN':>16} {'flash':>16}"
     print(header)
@@ -267,8 +271,8 @@ def main() -> None:
               f" vs t {near['t']:>7} batch {near['batch']:>3}: {near['us_per_ktoken']:8.1f} us"
               f"  ({ratio:.2f}x)")
     if decode:
-        print(f"\ndecode, one token per sequence per layer (16 heads, d = 64); copy bandwidth "
-              f"{meta['copy_bytes_per_s'] / 1e12:.2f} TB/s")
+        print(f"\ndecode, one token per sequence per layer ({HEADS} heads, d = {D_HEAD}); "
+              f"copy bandwidth {meta['copy_bytes_per_s'] / 1e12:.2f} TB/s")
     for r in decode:
         print(f"batch {r['batch']:>3} buffered {r['buffered']:>3} {r['state']:>9} state: graphed "
               f"{r['graphed_us']:7.1f}"

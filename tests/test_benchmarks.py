@@ -1,5 +1,5 @@
-"""The benchmark scripts that run without a GPU: the serving benchmark at a tiny size on the CPU
-and the figures drawn from what the benchmarks write."""
+"""The benchmark scripts that run without a GPU: every script's ``--help``, the serving benchmark
+at a tiny size on the CPU and the figures drawn from what the benchmarks write."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).parent
 BENCHMARKS = HERE.parent / "benchmarks"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -20,6 +22,13 @@ def script(name: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
     return subprocess.run([sys.executable, str(BENCHMARKS / name), *args], env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in BENCHMARKS.glob("*.py")))
+def test_every_benchmark_answers_help(name):
+    """Also the GPU-only ones: what breaks before their first device call shows here."""
+    result = script(name, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
 
 
 def test_serving_benchmark_writes_every_case_and_its_figure(tmp_path):
