@@ -152,18 +152,24 @@ def time_decode(batch: int, buffered: int, read_copy: bool, bandwidth: float, pr
             "state_read_us": state_bytes / bandwidth * 1e6, "rel_err": err}
 
 
-SCAN_PHASES = ("forward", "backward: recompute", "backward: reverse")
+BACKWARD_SCANS = ("backward: recompute", "backward: reverse")
 
 
 def kernel_rows(events) -> list[dict]:
     """Time per kernel of the profiler's ``events`` (device kernels, any order): the 12 largest,
-    each with its launches and ms. The three ``scan_kernel`` launches of one forward + backward
-    count apart, named by ``SCAN_PHASES`` in launch order (the forward's scan, the backward's
-    recomputation of the chunk states, its reverse scan), since the three differ."""
+    each with its launches and ms. The ``scan_kernel`` launches of one forward + backward count
+    apart by their order of launch, since they differ: those before the first
+    ``output_fwd_kernel`` are the forward's (one, or one per group of heads), the two after it
+    the backward's recomputation of the chunk states and its reverse scan."""
     launches = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
                       key=lambda e: e.time_range.start)
-    scans = [i for i, e in enumerate(launches) if e.name == "scan_kernel"]
-    phases = dict(zip(scans, SCAN_PHASES)) if len(scans) == len(SCAN_PHASES) else {}
+    names = [e.name for e in launches]
+    scans = [i for i, name in enumerate(names) if name == "scan_kernel"]
+    first_out = names.index("output_fwd_kernel") if "output_fwd_kernel" in names else -1
+    later = [i for i in scans if i > first_out]
+    phases = {}
+    if first_out >= 0 and len(later) == len(BACKWARD_SCANS) and len(later) < len(scans):
+        phases = {i: "forward" for i in scans if i < first_out} | dict(zip(later, BACKWARD_SCANS))
     rows: dict[str, dict] = {}
     for i, event in enumerate(launches):
         name = f"{event.name} ({phases[i]})" if i in phases else event.name[:60]

@@ -41,7 +41,8 @@ from power_retention.ops.triton import host, kernels  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-INTS = {"Hk", "Hq", "Hx", "d", "e", "D", "SEQS", "L", "T", "held", "cap", "H", "N", "M"}
+INTS = {"Hk", "Hq", "Hx", "h0", "HS", "hq0", "d", "e", "D", "SEQS", "L", "T", "held", "cap",
+        "H", "N", "M"}
 INDEX = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_indices": "*i32",
          "counters": "*i32"}
 INPUTS = {"q", "k", "v", "x", "o", "o_low", "do", "dq", "dk", "dv", "bk", "bv", "q_out", "k_out",

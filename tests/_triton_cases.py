@@ -154,6 +154,19 @@ def case_fp32_packed_no_final_state():
     return check_op(1, 60, 2, 1, 16, 8, torch.float32, cu=[0, 20, 20, 53, 60], final=False)
 
 
+def case_fp32_forward_in_head_halves():
+    """The forward launched per group of KV heads (``host._head_parts``, which on a GPU puts
+    two halves on two streams; here forced, uneven, in order): every head's states and outputs
+    written once (unwritten buffers read as NaN)."""
+    host = _host()
+    original = host._head_parts
+    host._head_parts = lambda x, Hk, programs: [(0, 2, None), (2, Hk - 2, None)]
+    try:
+        return check_op(1, 45, 6, 3, 16, 8, torch.float32, cu=[0, 17, 45])
+    finally:
+        host._head_parts = original
+
+
 def _in_pieces(tokens: int, *args, **kwargs) -> dict[str, float]:
     """``check_op`` with calls cut into pieces of ``tokens`` (``host.PIECE_TOKENS``: what a call
     too large for the GPU's memory gets), counting the kernel passes."""

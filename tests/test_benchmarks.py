@@ -105,7 +105,7 @@ def test_ncu_summary_reads_the_raw_page(tmp_path):
     assert result.returncode == 2 and "expected T x BATCH" in result.stderr
 
 
-def test_kernel_breakdown_counts_the_three_scans_apart():
+def test_kernel_breakdown_counts_the_scans_apart():
     """``bench_op.py``'s per-kernel table: device kernels only, summed per name, the three scans
     of a forward + backward named by their order of launch."""
     import torch
@@ -132,6 +132,9 @@ def test_kernel_breakdown_counts_the_three_scans_apart():
     assert rows[0]["kernel"] == "dq_kernel"
     two = kernel_rows(events[:2])                     # not three scans: no phases to name
     assert [r["kernel"] for r in two] == ["output_fwd_kernel", "scan_kernel"]
+    halves = [event("scan_kernel", -1, 500.0)] + events     # a forward in two launches
+    assert {r["kernel"]: (r["calls"], r["ms"]) for r in kernel_rows(halves)}[
+        "scan_kernel (forward)"] == (2, 1.5)
 
 
 def test_ab_comparison_takes_medians_per_case_and_kernel(tmp_path):

@@ -40,6 +40,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "fp32_packed_empty_segment": torch.float32,
     "fp32_packed_no_state": torch.float32,
     "fp32_packed_no_final_state": torch.float32,
+    "fp32_forward_in_head_halves": torch.float32,
     "fp32_pieces_packed_state": torch.float32,
     "fp16_pieces_batch_no_state": torch.float16,
     "public_api_autograd": torch.float32,

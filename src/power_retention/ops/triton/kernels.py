@@ -231,13 +231,14 @@ def _scan_step(x, y, y1, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hx,
 
 @triton.jit
 def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqlens,
-                chunk_offsets, coef_scale, Hx, Hk, d, e, D, SEQS,
+                chunk_offsets, coef_scale, Hx, Hk, h0, HS, d, e, D, SEQS,
                 GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
                 NB: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr,
                 USE_GATE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_Y1: tl.constexpr,
                 STORE_STATES: tl.constexpr, STORE_FINAL: tl.constexpr, BF16: tl.constexpr,
                 PREC: tl.constexpr, LOOP_FOR: tl.constexpr):
-    """Sequential scan across the chunks of one (tile, e-block, sequence x KV head), forward
+    """Sequential scan across the chunks of one (tile, e-block, sequence x KV head ``h0 ..
+    h0 + HS - 1``; a launch may take a part of the heads), forward
     (the state entering every chunk into ``states [chunks, Hk, NT, F, e]`` / ``zstates``, the
     final state into ``S_out [N, Hk, D, e]`` / ``z_out``, exact layout, from ``S_in`` or zero)
     or reverse (the gradient of the state at every chunk's end, from that of the final state
@@ -247,7 +248,7 @@ def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqle
     tile (the normaliser is written by the programs of the first value block alone; what the
     others compute of it is discarded). ``SEQS`` is only a key of the autotuner (host.py)."""
     tile, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = pid_nh // Hk, pid_nh % Hk
+    i_n, i_h = pid_nh // HS, h0 + pid_nh % HS
     a, b = _tile_ab(tile, NB)
     F: tl.constexpr = BD * BD
     NT: tl.constexpr = NB * (NB + 1) // 2
@@ -293,14 +294,15 @@ def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqle
 
 @triton.jit
 def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens,
-                      chunk_indices, scale, Hq, Hk, d, e,
+                      chunk_indices, scale, Hq, Hk, hq0, d, e,
                       C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
                       EP: tl.constexpr, USE_GATE: tl.constexpr, LOW: tl.constexpr,
                       BF16: tl.constexpr, PREC: tl.constexpr):
-    """Outputs of one (chunk, query head): attention inside the chunk plus the incoming state,
-    numerator and denominator added before the division. Also writes the denominator and, with
-    ``LOW``, what rounding the output to its dtype left out (``o_low``, same dtype)."""
-    i_c, i_hq = tl.program_id(0), tl.program_id(1)
+    """Outputs of one (chunk, query head ``hq0 + ..``): attention inside the chunk plus the
+    incoming state, numerator and denominator added before the division. Also writes the
+    denominator and, with ``LOW``, what rounding the output to its dtype left out (``o_low``,
+    same dtype)."""
+    i_c, i_hq = tl.program_id(0), hq0 + tl.program_id(1)
     i_h = i_hq // (Hq // Hk)
     i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
     j = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
