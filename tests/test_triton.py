@@ -131,6 +131,7 @@ def test_dispatch_rule_and_env_var_forcing_the_pytorch_path(monkeypatch):
     wide = torch.zeros(1, 1, 1, 128)
     assert host.supported(wide, wide, 2)                     # fp32 at d = 128 passed on the GPU
     assert not host.supported(wide.bfloat16(), wide.bfloat16(), 2)     # bf16 there did not
+    assert host.supported(wide.half(), wide.half(), 2)       # fp16 there did, with o_low
 
 
 @pytest.mark.parametrize("B, T, C", [(3, 130, 64), (2, 64, 64), (4, 0, 16), (1, 5, 128)])
@@ -244,10 +245,16 @@ def _gpu_inputs(B, T, Hq, Hk, d, e, dtype, gate_shift=4.0, seed=0):
     return q, k, v.to(dtype), log_gate
 
 
+# dz0 3.0e-2, o_low or not (docs/benchmarks.md runs 4, 6, 44); the public op sends bf16 at
+# d = 128 to the PyTorch path. Strict: a fix shows as a failure here, to enable it there.
+_BF16_D128 = pytest.param(torch.bfloat16, 128, id="bf16-d128", marks=pytest.mark.xfail(
+    strict=True, reason="dz0 misses its tolerance in bf16 at d = 128, cause not found"))
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype, d", [pytest.param(torch.bfloat16, 64, id="bf16-d64"),
-                                      pytest.param(torch.bfloat16, 128, id="bf16-d128"),
+                                      _BF16_D128,
                                       pytest.param(torch.float16, 64, id="fp16-d64"),
                                       pytest.param(torch.float16, 128, id="fp16-d128"),
                                       pytest.param(torch.float32, 128, id="fp32-d128")])
