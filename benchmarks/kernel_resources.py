@@ -120,7 +120,7 @@ def loop_ops(ttgir: str) -> dict[str, int]:
 
 def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
     """``(kernel, constexprs)`` for every kernel as host.py launches it."""
-    flags = {**host._flags(dtype), "USE_GATE": True}
+    flags = {**host._flags(dtype, d, e), "USE_GATE": True}
     tiling = {"BD": host.BD, "KP": host.KP, "NB": d // host.BD}
     EP = max(16, triton.next_power_of_2(e))
     low = host.low_width(dtype, e) > 0

@@ -245,16 +245,10 @@ def _gpu_inputs(B, T, Hq, Hk, d, e, dtype, gate_shift=4.0, seed=0):
     return q, k, v.to(dtype), log_gate
 
 
-# dz0 3.0e-2, o_low or not (docs/benchmarks.md runs 4, 6, 44); the public op sends bf16 at
-# d = 128 to the PyTorch path. Strict: a fix shows as a failure here, to enable it there.
-_BF16_D128 = pytest.param(torch.bfloat16, 128, id="bf16-d128", marks=pytest.mark.xfail(
-    strict=True, reason="dz0 misses its tolerance in bf16 at d = 128, cause not found"))
-
-
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype, d", [pytest.param(torch.bfloat16, 64, id="bf16-d64"),
-                                      _BF16_D128,
+                                      pytest.param(torch.bfloat16, 128, id="bf16-d128"),
                                       pytest.param(torch.float16, 64, id="fp16-d64"),
                                       pytest.param(torch.float16, 128, id="fp16-d128"),
                                       pytest.param(torch.float32, 128, id="fp32-d128")])
