@@ -116,6 +116,19 @@ def case_fp16_gqa_state():
     return check_op(2, 37, 4, 2, 16, 8, torch.float16)
 
 
+def case_bf16_gqa_state():
+    """bf16 products (the fast path), under the interpreter as rounded fp32 operands."""
+    return check_op(2, 37, 4, 2, 16, 8, torch.bfloat16)
+
+
+def case_bf16_d128():
+    """bf16 inputs at d = 128 run with tf32 products and fp32 chunk states, as fp16 ones do
+    (``host._bf16_products``; ``bf16_products`` 1.0 if they did not)."""
+    errors = check_op(1, 21, 2, 1, 128, 16, torch.bfloat16, chunk=16)
+    errors["bf16_products"] = float(_host()._bf16_products(torch.bfloat16, 128, 16))
+    return errors
+
+
 def case_fp32_ungated_d32_e24():
     return check_op(1, 50, 2, 2, 32, 24, torch.float32, gated=False, with_state=False, chunk=64)
 

@@ -28,10 +28,12 @@ from power_retention.ops.naive import attention_reference
 from _helpers import decode_with_slots, make_state, rel_err
 
 HERE = Path(__file__).parent
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 CASES = {                       # case in _triton_cases.py -> dtype whose tolerance applies
     "fp32_gqa_state": torch.float32,
     "fp16_gqa_state": torch.float16,
+    "bf16_gqa_state": torch.bfloat16,
+    "bf16_d128": torch.bfloat16,
     "fp32_ungated_d32_e24": torch.float32,
     "fp16_d32": torch.float16,
     "fp32_d64_state": torch.float32,
@@ -184,14 +186,16 @@ def test_pieces_cover_every_token_once_cutting_on_chunk_boundaries(lengths, C, c
 
 
 def test_chunk_size_capped_for_fp32_state_tiles():
-    """An explicit chunk is a speed setting: fp16/fp32 inputs (fp32 state tiles) get at most 64
-    tokens, whose kernels fit the GPU's shared memory (128 did not, on the H200)."""
+    """An explicit chunk is a speed setting: fp32 state tiles (fp16/fp32 inputs, bf16 ones at
+    d > 64) get at most 64 tokens, whose kernels fit the GPU's shared memory (128 did not, on
+    the H200)."""
     pytest.importorskip("triton")
     from power_retention.ops.triton import host
-    for dtype, asked, taken in [(torch.float32, 128, 64), (torch.float16, 256, 64),
-                                (torch.float32, 32, 32), (torch.bfloat16, 128, 128),
-                                (torch.bfloat16, 256, 128)]:
-        assert host._chunk(asked, torch.zeros(1, 1, 1, 64, dtype=dtype)) == taken
+    for dtype, d, asked, taken in [(torch.float32, 64, 128, 64), (torch.float16, 64, 256, 64),
+                                   (torch.float32, 64, 32, 32), (torch.bfloat16, 64, 128, 128),
+                                   (torch.bfloat16, 64, 256, 128), (torch.bfloat16, 128, 128, 64)]:
+        x = torch.zeros(1, 1, 1, d, dtype=dtype)
+        assert host._chunk(asked, x, x, x) == taken, (dtype, d, asked)
 
 
 class _TinyRetention(nn.Module):

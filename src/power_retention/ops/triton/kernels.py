@@ -28,10 +28,13 @@ inclusive cumulative sum ``gc`` starts from 0 at the chunk's start, so every fac
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 SQRT2 = tl.constexpr(1.4142135623730951)
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
@@ -169,10 +172,23 @@ def _straddle_intra(m, C: tl.constexpr):
 
 @triton.jit
 def _dot(x, y, BF16: tl.constexpr, PREC: tl.constexpr):
-    """fp32-accumulated product; bf16 operands for bf16 inputs, fp32 (tf32/ieee) otherwise."""
+    """fp32-accumulated product; bf16 operands for bf16 inputs, fp32 (tf32/ieee) otherwise.
+    Triton's interpreter gets products of bf16 operands wrong (relative errors near 1), so
+    there the operands are rounded to bf16 in fp32 registers instead: the same products."""
     if BF16:
+        if INTERPRET:
+            return tl.dot(_round_bf16(x.to(tl.float32)), _round_bf16(y.to(tl.float32)),
+                          input_precision="ieee")
         return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
     return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 ``x`` rounded to the nearest bf16 (ties to even), kept in fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
