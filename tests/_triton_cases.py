@@ -287,13 +287,15 @@ def case_decode_ungated_with_buffer():
     return {"o": rel_err(o, ro[:, 5:])}
 
 
-def _decode_into(B, T, Hq, Hk, d, e, dtype, capacity, seed) -> dict[str, float]:
+def _decode_into(B, T, Hq, Hk, d, e, dtype, capacity, seed,
+                 read_copy=False) -> dict[str, float]:
     """Token-by-token decoding into preallocated slots against the float64 reference."""
     _host()
     q, k, v, g = make_inputs(B, T, Hq, Hk, d, e, dtype=dtype, seed=seed)
     st = make_state(B, Hk, d, e, seed=seed + 1)
     state = RetentionState(st.S.float(), st.z.float())
-    o, _, slots, held = decode_with_slots(q, k, v, g, state, capacity=capacity)
+    o, _, slots, held = decode_with_slots(q, k, v, g, state, capacity=capacity,
+                                          read_copy=read_copy)
     ro, _ = attention_reference(q.double(), k.double(), v.double(), g.double(),
                                 initial_state=RetentionState(st.S, st.z))
     return {"o": rel_err(o, ro), "slots_differ": float(not torch.equal(slots.k[:, :held],
@@ -304,6 +306,12 @@ def case_decode_into_gqa():
     """Decoding into preallocated slots (the model's cache): the kernel writes each token into
     its slot and reads the buffer there; folds every ``capacity`` tokens."""
     return _decode_into(3, 19, 6, 2, 32, 12, torch.float16, capacity=8, seed=8)
+
+
+def case_decode_into_bf16_copy():
+    """bf16 inputs reading a bf16 copy of the state (a bf16 model's cache): the state product
+    takes bf16 operands."""
+    return _decode_into(2, 13, 4, 2, 16, 8, torch.bfloat16, capacity=4, seed=12, read_copy=True)
 
 
 def case_decode_into_wide_values():

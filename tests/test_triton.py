@@ -49,6 +49,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "decode": torch.float32,
     "decode_ungated_with_buffer": torch.float32,
     "decode_into_gqa": torch.float16,
+    "decode_into_bf16_copy": torch.bfloat16,
     "decode_into_wide_values": torch.float32,
     "fold_in_place_wide_values": torch.float32,
     "fold_fp16_ungated": torch.float16,

@@ -633,7 +633,10 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, scale, held, Hk, d, e, D, c
         qi = tl.load(qrows[:, None] + i[None, :], mask=mq, other=0.0).to(tl.float32)
         qj = tl.load(qrows[:, None] + j[None, :], mask=mq, other=0.0).to(tl.float32)
         phi = qi * qj * (tl.where(i < j, SQRT2, 1.0) * from_start)[None, :]
-        num += tl.dot(phi.to(St.dtype), St, input_precision=PRECISION)
+        if INTERPRET and St.dtype == tl.bfloat16:    # its bf16 products are wrong (``_dot``)
+            num += tl.dot(_round_bf16(phi), St.to(tl.float32), input_precision="ieee")
+        else:
+            num += tl.dot(phi.to(St.dtype), St, input_precision=PRECISION)
         den_rows += phi * zt[None, :]
     den += tl.sum(den_rows, axis=1)
 
