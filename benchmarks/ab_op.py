@@ -32,11 +32,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_bench(src: Path, cache: Path, out: Path, seq_lens: str) -> dict:
+def run_bench(src: Path, cache: Path, out: Path, seq_lens: str, dtype: str = "bfloat16",
+              head_dim: int = 64) -> dict:
     """One ``bench_op.py`` run against the package under ``src``; its JSON record."""
     env = dict(os.environ, PYTHONPATH=str(src), POWER_RETENTION_CACHE=str(cache))
     cmd = [sys.executable, str(HERE / "bench_op.py"), "--out", str(out), "--seq-lens", seq_lens,
-           "--long=", "--odd=", "--decode-batches=", "--no-baselines"]
+           "--long=", "--odd=", "--decode-batches=", "--no-baselines", "--dtype", dtype,
+           "--head-dim", str(head_dim)]
     subprocess.run(cmd, env=env, check=True)
     return json.loads(out.read_text())
 
@@ -80,6 +82,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-lens", default="16384,65536",
                         help="t of the cases, 65,536 tokens per call (bench_op.py's rule)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each version")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--head-dim", type=int, default=64, choices=(32, 64, 128))
     parser.add_argument("--out", default="ab.json")
     args = parser.parse_args(argv)
     versions = {"this": HERE.parent / "src"}
@@ -97,7 +101,7 @@ def main(argv=None) -> None:
             for name, src in versions.items():
                 print(f"run {i + 1} of {args.repeats}: {name} ({src})", flush=True)
                 runs[name].append(run_bench(src, Path(tmp) / name, Path(tmp) / "run.json",
-                                            args.seq_lens))
+                                            args.seq_lens, args.dtype, args.head_dim))
     cases, kernels = compare(runs)
     Path(args.out).write_text(json.dumps({"versions": {k: str(v) for k, v in versions.items()},
                                           "runs": runs, "cases": cases, "kernels": kernels},

@@ -2,10 +2,11 @@
 
     PYTHONPATH=src python benchmarks/bench_op.py --out results.json
 
-Standard cases: bf16, 16 heads, d = 64, 65,536 tokens per call (batch = 65,536 / t), gated
-(``logsigmoid(randn + 4)``), p = 2, modes fwd and fwd+bwd; t = 256k and 1M at batch 1 for our
-kernels only; decode time per token per layer at batch 1 and 64. Each timed result is checked
-against the float64 reference on a slice first. Median of ``triton.testing.do_bench``.
+Standard cases: bf16, 16 heads, d = 64 (``--dtype``, ``--head-dim`` change them), 65,536
+tokens per call (batch = 65,536 / t), gated (``logsigmoid(randn + 4)``), p = 2, modes fwd and
+fwd+bwd; t = 256k and 1M at batch 1 for our kernels only; decode time per token per layer at
+batch 1 and 64. Each timed result is checked against the float64 reference on a slice first.
+Median of ``triton.testing.do_bench``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from power_retention.ops.naive import attention_reference
 from power_retention.ops.triton import host
 
 HEADS, D_HEAD, TOKENS = 16, 64, 65_536
+DTYPE = torch.bfloat16
 
 
 def bench(fn) -> float:
@@ -58,7 +60,7 @@ def sdpa_flops(batch: int, t: int, mode: str) -> float:
 def make(batch: int, t: int, requires_grad: bool, seed: int = 0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     shape = (batch, t, HEADS, D_HEAD)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
                for _ in range(3))
     g = F.logsigmoid(torch.randn(batch, t, HEADS, device="cuda", generator=gen) + 4)
     return [x.requires_grad_(requires_grad) for x in (q, k, v, g)]
@@ -193,7 +195,7 @@ def kernel_breakdown(t: int = TOKENS) -> list[dict]:
 
 
 def main() -> None:
-    global D_HEAD
+    global D_HEAD, DTYPE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_op.json")
     parser.add_argument("--seq-lens", default="1024,4096,8192,16384,65536")
@@ -206,13 +208,17 @@ def main() -> None:
                         help="skip the per-kernel profile of one forward + backward at 64k")
     parser.add_argument("--head-dim", type=int, default=D_HEAD, choices=(32, 64, 128),
                         help="d = e of every case (BENCHMARKS.md's standard cases: 64)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="of q, k, v (BENCHMARKS.md's standard cases: bfloat16); float32 "
+                             "runs without the SDPA baselines, which take 16-bit inputs")
     args = parser.parse_args()
-    D_HEAD = args.head_dim
+    D_HEAD, DTYPE = args.head_dim, getattr(torch, args.dtype)
+    baselines = not args.no_baselines and DTYPE != torch.float32
     torch.manual_seed(0)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "heads": HEADS, "d": D_HEAD, "e": D_HEAD, "deg": 2,
-            "dtype": "bfloat16", "tokens_per_call": TOKENS, "gates": "logsigmoid(randn + 4)"}
+            "dtype": args.dtype, "tokens_per_call": TOKENS, "gates": "logsigmoid(randn + 4)"}
     rows, decode = [], []
 
     def save(**extra):                     # after every case, so a cut-short run keeps its rows
@@ -223,7 +229,7 @@ def main() -> None:
         for mode in ("fwd", "fwd+bwd"):
             rows.append(time_retention(batch, t, mode))
             print(rows[-1], flush=True)
-            if not args.no_baselines:
+            if baselines:
                 for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
                     rows.append(time_sdpa(batch, t, mode, backend))
                     print(rows[-1], flush=True)
@@ -243,7 +249,9 @@ def main() -> None:
     if decode_batches:
         meta["copy_bytes_per_s"] = copy_bandwidth()
     for batch in decode_batches:
-        for buffered, read_copy in itertools.product((0, 62), (False, True)):
+        # a bf16 copy of the state is what bf16 models' caches read
+        copies = (False, True) if DTYPE == torch.bfloat16 else (False,)
+        for buffered, read_copy in itertools.product((0, 62), copies):
             decode.append(time_decode(batch, buffered, read_copy, meta["copy_bytes_per_s"]))
             print(decode[-1], flush=True)
             save()
@@ -251,7 +259,7 @@ def main() -> None:
     save(odd=odd, breakdown_t65536=breakdown)
 
     print(f"\n{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
-    print(f"bf16, {HEADS} heads, d = e = {D_HEAD}, p = 2, gated; median ms (TFLOP/s)")
+    print(f"{args.dtype}, {HEADS} heads, d = e = {D_HEAD}, p = 2, gated; median ms (TFLOP/s)")
     header = f"{'t':>9} {'batch':>5} {'mode':>8} | {'ours':>16} {'chunk':>5} {'err':>8} |" \
              f" {'cuDNN':>16} {'flash':>16}"
     print(header)
