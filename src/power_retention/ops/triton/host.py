@@ -57,24 +57,27 @@ def low_width(dtype: torch.dtype, e: int) -> int:
 
 
 class _Launcher:
-    """A kernel behind ``triton.autotune`` for bf16 products (``BF16``: the fast path the
-    benchmarks time) over warps and pipeline stages. The other launches, whose fp32 state
-    tiles need more shared memory, and the interpreter take one fixed configuration, which
-    also bounds compile time.
-    (Capping 8 warps at 128 registers, so two programs share a multiprocessor, was tried on the
-    H200 and changed no kernel's time: docs/benchmarks.md, run 7.)"""
+    """A kernel behind ``triton.autotune`` over warps and pipeline stages, the best
+    configuration measured per shape bucket. Launches with fp32 state tiles (fp16 and fp32
+    inputs, bf16 ones at d > 64: ``_bf16_products``) also try 8 warps without pipelining,
+    their one fixed configuration until 2026-12-07 (with one stage no load of a loop is
+    prefetched: ``benchmarks/kernel_resources.py``), so the tuner can only keep or beat it.
+    The interpreter takes one configuration. (Capping 8 warps at 128 registers, so two
+    programs share a multiprocessor, was tried on the H200 and changed no kernel's time:
+    docs/benchmarks.md, run 7.)"""
 
     def __init__(self, fn, key, stages=(2,)):
         self.fn = fn
         configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in stages]
-        self.tuned = None if INTERPRET else triton.autotune(configs, key=key)(fn)
+        unpipelined = [triton.Config({}, num_warps=8, num_stages=1)]
+        self.tuned = {bf16: None if INTERPRET else triton.autotune(
+            configs + ([] if bf16 else unpipelined), key=key)(fn) for bf16 in (True, False)}
 
     def __getitem__(self, grid):
         def launch(*args, BF16, **kwargs):
-            if self.tuned is not None and BF16:
-                return self.tuned[grid](*args, BF16=BF16, **kwargs)
-            extra = {} if INTERPRET else {"num_warps": 8, "num_stages": 1}
-            return self.fn[grid](*args, BF16=BF16, **kwargs, **extra)
+            if INTERPRET:
+                return self.fn[grid](*args, BF16=BF16, **kwargs)
+            return self.tuned[BF16][grid](*args, BF16=BF16, **kwargs)
         return launch
 
 
