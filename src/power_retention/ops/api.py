@@ -163,8 +163,8 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None = N
     Returns:
         ``o [B, T, Hq, e]`` in the dtype of ``q``; with ``output_final_state``, ``(o, state)``.
 
-    Implementation: CUDA tensors with ``deg == 2``, ``d`` a multiple of 16 up to 64 (128
-    for float16 and float32), ``e <= 128`` and float16/bfloat16/float32 inputs run the Triton
+    Implementation: CUDA tensors with ``deg == 2``, ``d`` of 16, 32, 64 or 128,
+    ``e <= 128`` and float16/bfloat16/float32 inputs run the Triton
     kernels of ``ops/triton``; everything else (and any input when the environment variable
     ``POWER_RETENTION_IMPL=torch`` is set) runs the chunked PyTorch path.
     """

@@ -37,13 +37,10 @@ def supported(q: torch.Tensor, v: torch.Tensor, deg: int) -> bool:
     if not (q.is_cuda or INTERPRET):
         return False
     d, e = q.shape[-1], v.shape[-1]
-    # Head sizes above 64 run where the GPU test passed: fp32 and fp16 (with o_low, dz0 2.4e-3
-    # on the H100, docs/benchmarks.md run 44). bf16 there missed with bf16 products (dz0
-    # 3.0e-2, runs 4, 6, 44) and now runs as fp16 does (``_bf16_products``), which has not
-    # run on a GPU yet: enabled once test_gpu_forward_backward_match_reference[bf16-d128] passes.
-    largest = 64 if q.dtype == torch.bfloat16 else 128
+    # d = 128 passed its GPU test in every dtype (H100, docs/benchmarks.md run 45): fp16 and
+    # bf16 there take tf32 products and fp32 chunk states (``_bf16_products``)
     return (deg == 2 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and d in (16, 32, 64, 128) and d <= largest and 1 <= e <= 128)
+            and d in (16, 32, 64, 128) and 1 <= e <= 128)
 
 
 def low_width(dtype: torch.dtype, e: int) -> int:
