@@ -2,9 +2,9 @@
 
     PYTHONPATH=src python benchmarks/bench_op.py --out results.json
 
-Standard cases: bf16, 16 heads, d = 64 (``--dtype``, ``--head-dim`` change them), 65,536
-tokens per call (batch = 65,536 / t), gated (``logsigmoid(randn + 4)``), p = 2, modes fwd and
-fwd+bwd; t = 256k and 1M at batch 1 for our kernels only; decode time per token per layer at
+Standard cases: bf16, 16 heads, d = 64, p = 2 (``--dtype``, ``--head-dim``, ``--deg`` change
+them), 65,536 tokens per call (batch = 65,536 / t), gated (``logsigmoid(randn + 4)``), modes fwd
+and fwd+bwd; t = 256k and 1M at batch 1 for our kernels only; decode time per token per layer at
 batch 1 and 64. Each timed result is checked against the float64 reference on a slice first.
 Median of ``triton.testing.do_bench``.
 """
@@ -26,7 +26,7 @@ from power_retention import DecodeBuffer, power_retention, power_retention_decod
 from power_retention.ops.naive import attention_reference
 from power_retention.ops.triton import host
 
-HEADS, D_HEAD, TOKENS = 16, 64, 65_536
+HEADS, D_HEAD, TOKENS, DEG = 16, 64, 65_536, 2
 DTYPE = torch.bfloat16
 
 
@@ -46,7 +46,7 @@ def copy_bandwidth() -> float:
 def retention_flops(tokens: int, chunk: int, mode: str) -> float:
     """BENCHMARKS.md: per token and head ``4 D e`` (state update and query, exact D) plus
     ``2 c d`` (causal attention inside a chunk); forward + backward counted as 3x forward."""
-    D = sympow_dim(D_HEAD, 2)
+    D = sympow_dim(D_HEAD, DEG)
     fwd = tokens * HEADS * (4 * D * D_HEAD + 2 * chunk * D_HEAD)
     return fwd * (3 if mode == "fwd+bwd" else 1)
 
@@ -68,29 +68,30 @@ def make(batch: int, t: int, requires_grad: bool, seed: int = 0):
 
 def check_slice(o, q, k, v, g) -> float:
     """Relative error of the first sequence's first (up to) 2,048 outputs vs float64."""
-    n = min(q.shape[1], 2048)
-    ref, _ = attention_reference(*(x[:1, :n].detach().double() for x in (q, k, v, g)))
+    n = min(q.shape[1], 2048 if DEG == 2 else 512)      # degree 4: float64 features of n tokens
+    ref, _ = attention_reference(*(x[:1, :n].detach().double() for x in (q, k, v, g)), deg=DEG)
     return float((o[:1, :n].double() - ref).norm() / ref.norm())
 
 
 def time_retention(batch: int, t: int, mode: str) -> dict:
     q, k, v, g = make(batch, t, requires_grad=mode == "fwd+bwd")
-    o = power_retention(q, k, v, g)                    # compiles, autotunes, picks the chunk
+    o = power_retention(q, k, v, g, deg=DEG)       # compiles, autotunes, picks the chunk
     err = check_slice(o, q, k, v, g)
-    chunk = host.pick_chunk_size(q, k, v, g, None, None, None, D_HEAD ** -0.5)
+    chunk = host.pick_chunk_size(q, k, v, g, None, None, None, D_HEAD ** -0.5, deg=DEG)
     if mode == "fwd":
-        ms = bench(lambda: power_retention(q, k, v, g))
+        ms = bench(lambda: power_retention(q, k, v, g, deg=DEG))
     else:
         do = torch.randn_like(o)
-        ms = bench(lambda: torch.autograd.grad(power_retention(q, k, v, g), (q, k, v, g), do))
+        ms = bench(lambda: torch.autograd.grad(power_retention(q, k, v, g, deg=DEG), (q, k, v, g),
+                                               do))
     peak = None
     if t >= 1 << 20:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         if mode == "fwd":
-            power_retention(q, k, v, g)
+            power_retention(q, k, v, g, deg=DEG)
         else:
-            torch.autograd.grad(power_retention(q, k, v, g), (q, k, v, g), do)
+            torch.autograd.grad(power_retention(q, k, v, g, deg=DEG), (q, k, v, g), do)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
     flops = retention_flops(batch * t, chunk, mode)
@@ -127,7 +128,7 @@ def time_decode(batch: int, buffered: int, read_copy: bool, bandwidth: float, pr
     Timed eagerly (host launches included) and replayed from a CUDA graph (the kernels alone,
     as a graphed model step runs them), against reading the state once at ``bandwidth``."""
     q, k, v, g = make(batch, prefix + buffered + 1, requires_grad=False, seed=2)
-    _, state = power_retention(q[:, :prefix], k[:, :prefix], v[:, :prefix], g[:, :prefix],
+    _, state = power_retention(q[:, :prefix], k[:, :prefix], v[:, :prefix], g[:, :prefix], deg=DEG,
                                output_final_state=True)
     slots = DecodeBuffer(k.new_zeros(batch, capacity, HEADS, D_HEAD),
                          v.new_zeros(batch, capacity, HEADS, D_HEAD),
@@ -138,17 +139,17 @@ def time_decode(batch: int, buffered: int, read_copy: bool, bandwidth: float, pr
     read = state._replace(S=state.S.bfloat16()) if read_copy else state
 
     def step():
-        return power_retention_decode_into(*new, read, slots, buffered)
+        return power_retention_decode_into(*new, read, slots, buffered, deg=DEG)
     o = step()
     # the first sequence's reference (float64 features of a whole batch at d = 128 take 20 GiB)
-    ref, _ = attention_reference(*(x[:1].double() for x in (q, k, v, g)))
+    ref, _ = attention_reference(*(x[:1].double() for x in (q, k, v, g)), deg=DEG)
     err = float((o[:1].double() - ref[:, -1:]).norm() / ref[:, -1:].norm())
     eager_ms = bench(step)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
     graphed_ms = bench(graph.replay)
-    D = sympow_dim(D_HEAD, 2)
+    D = sympow_dim(D_HEAD, DEG)
     state_bytes = batch * HEADS * D * (D_HEAD * read.S.element_size() + 4)
     return {"impl": "decode (triton)", "batch": batch, "buffered": buffered,
             "state": "bf16 copy" if read_copy else "fp32",
@@ -187,17 +188,17 @@ def kernel_breakdown(t: int = TOKENS) -> list[dict]:
     """Time per kernel of one forward + backward at batch 1 (torch.profiler, CUDA activity)."""
     q, k, v, g = make(1, t, requires_grad=True)
     do = torch.randn_like(q)
-    torch.autograd.grad(power_retention(q, k, v, g), (q, k, v, g), do)
+    torch.autograd.grad(power_retention(q, k, v, g, deg=DEG), (q, k, v, g), do)
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        torch.autograd.grad(power_retention(q, k, v, g), (q, k, v, g), do)
+        torch.autograd.grad(power_retention(q, k, v, g, deg=DEG), (q, k, v, g), do)
         torch.cuda.synchronize()
     return kernel_rows(prof.events())
 
 
 def main() -> None:
-    global D_HEAD, DTYPE
+    global D_HEAD, DTYPE, DEG
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_op.json")
     parser.add_argument("--seq-lens", default="1024,4096,8192,16384,65536")
@@ -208,18 +209,22 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                         help="skip the per-kernel profile of one forward + backward at 64k")
-    parser.add_argument("--head-dim", type=int, default=D_HEAD, choices=(32, 64, 128),
+    parser.add_argument("--head-dim", type=int, default=D_HEAD, choices=(16, 32, 64, 128),
                         help="d = e of every case (BENCHMARKS.md's standard cases: 64)")
+    parser.add_argument("--deg", type=int, default=DEG, choices=(2, 4),
+                        help="degree p (4: head sizes 16 and 32)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                         help="of q, k, v (BENCHMARKS.md's standard cases: bfloat16); float32 "
                              "runs without the SDPA baselines, which take 16-bit inputs")
     args = parser.parse_args()
-    D_HEAD, DTYPE = args.head_dim, getattr(torch, args.dtype)
+    D_HEAD, DTYPE, DEG = args.head_dim, getattr(torch, args.dtype), args.deg
+    if DEG == 4 and D_HEAD > 32:
+        parser.error("--deg 4 takes --head-dim 16 or 32")
     baselines = not args.no_baselines and DTYPE != torch.float32
     torch.manual_seed(0)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "heads": HEADS, "d": D_HEAD, "e": D_HEAD, "deg": 2,
+            "triton": triton.__version__, "heads": HEADS, "d": D_HEAD, "e": D_HEAD, "deg": DEG,
             "dtype": args.dtype, "tokens_per_call": TOKENS, "gates": "logsigmoid(randn + 4)"}
     rows, decode = [], []
 
@@ -261,7 +266,8 @@ def main() -> None:
     save(odd=odd, breakdown_t65536=breakdown)
 
     print(f"\n{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
-    print(f"{args.dtype}, {HEADS} heads, d = e = {D_HEAD}, p = 2, gated; median ms (TFLOP/s)")
+    print(f"{args.dtype}, {HEADS} heads, d = e = {D_HEAD}, p = {DEG}, gated; median ms "
+          "(TFLOP/s)")
     header = f"{'t':>9} {'batch':>5} {'mode':>8} | {'ours':>16} {'chunk':>5} {'err':>8} |" \
              f" {'cuDNN':>16} {'flash':>16}"
     print(header)

@@ -10,6 +10,7 @@ go through local memory. Compile errors show here too, before any GPU time is sp
     python benchmarks/kernel_resources.py                         # bf16, d = e = 64, H100/H200
     python benchmarks/kernel_resources.py --chunks 64 --warps 8 --dtype float16
     python benchmarks/kernel_resources.py --warps 4 --maxnreg 168      # three programs per SM
+    python benchmarks/kernel_resources.py --deg 4 --d 32 --e 32 --dtype float16
 
 Prints one row per kernel and configuration: registers per thread, stack frame (bytes of
 spilled registers per thread), shared memory, the tensor loads inside loops that Triton's
@@ -44,16 +45,16 @@ TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 INTS = {"Hk", "Hq", "Hx", "h0", "HS", "hq0", "d", "e", "D", "SEQS", "L", "T", "held", "cap",
         "H", "N", "M"}
 INDEX = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_indices": "*i32",
-         "counters": "*i32"}
+         "counters": "*i32", "index": "*i32"}
 INPUTS = {"q", "k", "v", "x", "o", "o_low", "do", "dq", "dk", "dv", "bk", "bv", "q_out", "k_out",
           "cos", "sin", "res", "w", "out", "total", "gate", "up", "wq", "wk", "wv", "wg", "wu",
           "bq", "bu", "bias"}
 
 
-def signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
-    """Triton types of ``fn``'s arguments for inputs of ``dtype`` (chunk states and ``dy`` as
-    host.py allocates them: bf16 for bf16 inputs, fp32 otherwise)."""
-    states = "bf16" if dtype == torch.bfloat16 else "fp32"
+def signature(fn, dtype: torch.dtype, constexprs: dict, states: torch.dtype) -> dict:
+    """Triton types of ``fn``'s arguments for inputs of ``dtype`` and chunk states (and ``dy``)
+    of ``states``, as host.py allocates them."""
+    states = TRITON_TYPES[states]
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -118,10 +119,13 @@ def loop_ops(ttgir: str) -> dict[str, int]:
     return found
 
 
-def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
+def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks, deg: int):
     """``(kernel, constexprs)`` for every kernel as host.py launches it."""
-    flags = {**host._flags(dtype, d, e), "USE_GATE": True}
-    tiling = {"BD": host.BD, "KP": host.KP, "NB": d // host.BD}
+    feat = host._features(d, deg, torch.device("cpu"))
+    flags = {**host._flags(dtype, d, e, deg), "USE_GATE": True}
+    tiling = {"BD": host.BD, "KP": host.KP, "NB": d // host.BD, "NT": feat.NT}
+    if deg == 2:                                   # no tables: None arguments are constexprs
+        tiling.update(index=None, coefs=None)
     EP = max(16, triton.next_power_of_2(e))
     low = host.low_width(dtype, e) > 0
     for C in chunks:
@@ -145,13 +149,14 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks):
         yield kernels.dkv_kernel, dict(C=C, EP=EP, GROUPS=1, **tiling, **flags)
     yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP, LOW=low)
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    D = d * (d + 1) // 2
+    tables = {} if deg != 2 else dict(index=None, coefs=None)
     for R in (64, 32) if e <= 64 else (32,):                # as host.decode_into picks
-        blocks = triton.cdiv(D, R)
+        blocks = triton.cdiv(feat.D, R)
         for split in (1, blocks):
             yield kernels.decode_kernel, dict(G=4, GP=4, LP=64, DK=d, R=R,
                                               NBLK=triton.cdiv(blocks, split), EP=EP,
-                                              SPLIT=split, STAGES=3, PRECISION=precision)
+                                              SPLIT=split, DEG=deg, STAGES=3,
+                                              PRECISION=precision, **tables)
     yield kernels.decode_finish_kernel, dict(NT=blocks, NTP=triton.next_power_of_2(blocks),
                                              EP=EP)
     yield fused._rms_norm_kernel, dict(HAS_RES=True, BH=2048)
@@ -172,6 +177,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     parser.add_argument("--d", type=int, default=64, help="head size of queries and keys")
     parser.add_argument("--e", type=int, default=64, help="head size of values")
+    parser.add_argument("--deg", type=int, choices=(2, 4), default=2, help="degree p")
     parser.add_argument("--chunks", type=int, nargs="+", default=list(host.CHUNK_CANDIDATES))
     parser.add_argument("--blocks", type=int, nargs="+", default=[64],
                         help="value columns per program of the scans (BE)")
@@ -183,12 +189,14 @@ def main() -> None:
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     target = GPUTarget("cuda", args.arch, 32)
-    print(f"{args.dtype}, d = {args.d}, e = {args.e}, sm_{args.arch}, {args.stages} stages")
+    print(f"{args.dtype}, p = {args.deg}, d = {args.d}, e = {args.e}, sm_{args.arch}, "
+          f"{args.stages} stages")
     print(f"{'kernel':<20} {'C':>4} {'BE':>3} {'warps':>5} {'regs':>5} {'stack B':>8} "
           f"{'smem KiB':>9} {'loop loads async/plain':>23} {'loop products/full waits':>25}")
-    for fn, constexprs in cases(dtype, args.d, args.e, args.chunks, args.blocks):
+    for fn, constexprs in cases(dtype, args.d, args.e, args.chunks, args.blocks, args.deg):
         for warps in args.warps:
-            sig = signature(fn, dtype, constexprs)
+            sig = signature(fn, dtype, constexprs,
+                            host._state_dtype(dtype, args.d, args.e, args.deg))
             src = ASTSource(fn=fn, signature=sig, constexprs=constexprs,
                             attrs=alignment(fn, sig))
             compiled = triton.compile(src, target=target,

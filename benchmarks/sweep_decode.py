@@ -40,9 +40,9 @@ def launcher(q, k, v, g, slots, S, z, held, R, per_sm, stages, warps):
 
     def run():
         kernels.decode_kernel[(B * HK, split)](
-            q, k, v, g, *slots, S, z, out, d ** -0.5, held, HK, d, e, D, CAPACITY, G=G, GP=G,
-            LP=CAPACITY, DK=d, R=R, NBLK=triton.cdiv(blocks, split), EP=64, SPLIT=split,
-            STAGES=stages, PRECISION="tf32", num_warps=warps)
+            q, k, v, g, *slots, S, z, out, None, None, d ** -0.5, held, HK, d, e, D, CAPACITY,
+            G=G, GP=G, LP=CAPACITY, DK=d, R=R, NBLK=triton.cdiv(blocks, split), EP=64,
+            SPLIT=split, DEG=2, STAGES=stages, PRECISION="tf32", num_warps=warps)
         if split > 1:
             kernels.decode_finish_kernel[(B * HK * G,)](part, o, e, NT=split,
                                                         NTP=max(16, triton.next_power_of_2(split)),

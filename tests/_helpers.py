@@ -43,7 +43,7 @@ def make_state(N, Hk, d, e, deg=2, *, dtype=torch.float64, seed=1, tokens=5) -> 
     return RetentionState((phi.transpose(-1, -2) @ v).to(dtype), phi.sum(-2).to(dtype))
 
 
-def decode_with_slots(q, k, v, g, state, capacity, read_copy=False):
+def decode_with_slots(q, k, v, g, state, capacity, read_copy=False, deg=2):
     """Decode token by token as the model's cache does: each token written into a preallocated
     buffer of ``capacity`` slots by ``power_retention_decode_into``, the buffer folded into the
     state in place by ``power_retention_fold`` when it is full; with ``read_copy`` the steps
@@ -59,10 +59,10 @@ def decode_with_slots(q, k, v, g, state, capacity, read_copy=False):
     read = state._replace(S=state.S.bfloat16()) if read_copy else state
     for i in range(T):
         step = [None if x is None else x[:, i:i + 1] for x in (q, k, v, g)]
-        outs.append(power_retention_decode_into(*step, read, slots, held))
+        outs.append(power_retention_decode_into(*step, read, slots, held, deg=deg))
         held += 1
         if held == capacity:
-            power_retention_fold(state, slots, out=state)
+            power_retention_fold(state, slots, deg=deg, out=state)
             read.S.copy_(state.S)
             held = 0
     return torch.cat(outs, 1), state, slots, held

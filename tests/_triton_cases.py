@@ -31,12 +31,12 @@ def _host():
     return host
 
 
-def _reference(q, k, v, g, state, cu_seqlens):
+def _reference(q, k, v, g, state, cu_seqlens, deg=2):
     """fp64 attention form per sequence (packed sequences one by one)."""
     up = [None if x is None else x.double() for x in (q, k, v, g)]
     if cu_seqlens is None:
         init = None if state is None else RetentionState(state[0].double(), state[1].double())
-        o, final = attention_reference(*up, initial_state=init)
+        o, final = attention_reference(*up, deg=deg, initial_state=init)
         return o, final.S, final.z
     outs, Ss, zs = [], [], []
     bounds = cu_seqlens.tolist()
@@ -44,7 +44,7 @@ def _reference(q, k, v, g, state, cu_seqlens):
         part = [None if x is None else x[:, s:t] for x in up]
         init = None if state is None else RetentionState(state[0][n:n + 1].double(),
                                                          state[1][n:n + 1].double())
-        o, final = attention_reference(*part, initial_state=init)
+        o, final = attention_reference(*part, deg=deg, initial_state=init)
         if init is None and t == s:
             final = RetentionState(torch.zeros_like(final.S), torch.zeros_like(final.z))
         outs.append(o)
@@ -54,7 +54,7 @@ def _reference(q, k, v, g, state, cu_seqlens):
 
 
 def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None, chunk=16,
-             final=True, seed=0) -> dict[str, float]:
+             final=True, seed=0, deg=2) -> dict[str, float]:
     """Forward and backward of the host functions against the reference; gradients of every
     input, the initial state included, under random output, final-state gradients (without
     ``final``: the final state not kept, its gradient zero)."""
@@ -64,7 +64,7 @@ def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None,
     N = B if cu is None else len(cu) - 1
     state = None
     if with_state:
-        st = make_state(N, Hk, d, e, seed=seed + 1)
+        st = make_state(N, Hk, d, e, deg, seed=seed + 1)
         state = (st.S.float(), st.z.float())
     leaves = [x for x in (q, k, v, g) if x is not None]
     leaves += [] if state is None else list(state)
@@ -73,7 +73,7 @@ def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None,
     rq, rk, rv = next(it), next(it), next(it)
     rg = next(it) if gated else None
     rstate = (next(it), next(it)) if with_state else None
-    ro, rS, rz = _reference(rq, rk, rv, rg, rstate, cu_seqlens)
+    ro, rS, rz = _reference(rq, rk, rv, rg, rstate, cu_seqlens, deg)
 
     gen = torch.Generator().manual_seed(seed + 7)
     do = torch.randn(ro.shape, generator=gen, dtype=torch.float64)
@@ -86,10 +86,11 @@ def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None,
 
     S0, z0 = (None, None) if state is None else state
     scale = d ** -0.5
-    o, S, z, den, o_low = host.forward(q, k, v, g, S0, z0, cu_seqlens, scale, chunk, final)
+    o, S, z, den, o_low = host.forward(q, k, v, g, S0, z0, cu_seqlens, scale, chunk, final,
+                                       deg)
     grads = host.backward(do.to(dtype), dS.float() if final else None,
                           dz.float() if final else None, q, k, v, g, S0, z0, cu_seqlens, o,
-                          den, o_low, scale, chunk)
+                          den, o_low, scale, chunk, deg)
     if final:
         errors = {"o": rel_err(o, ro), "S": rel_err(S, rS), "z": rel_err(z, rz)}
     else:
@@ -178,6 +179,19 @@ def case_fp32_forward_in_head_halves():
         return check_op(1, 45, 6, 3, 16, 8, torch.float32, cu=[0, 17, 45])
     finally:
         host._head_parts = original
+
+
+def case_deg4_fp32_gqa_state():
+    """Degree 4 (the exact layout in tiles of 64 rows, four factors per feature): d = 16 (3,876
+    features, 61 tiles, the last one padded), GQA, odd length, states in and out."""
+    return check_op(2, 37, 4, 2, 16, 8, torch.float32, deg=4)
+
+
+def case_deg4_fp16_packed():
+    """Degree 4, float16 at d = 32 (52,360 features), packed sequences with an empty one and no
+    final state kept."""
+    return check_op(1, 40, 2, 1, 32, 8, torch.float16, cu=[0, 17, 17, 40], final=False,
+                    deg=4, chunk=32)
 
 
 def _in_pieces(tokens: int, *args, **kwargs) -> dict[str, float]:
@@ -287,16 +301,16 @@ def case_decode_ungated_with_buffer():
     return {"o": rel_err(o, ro[:, 5:])}
 
 
-def _decode_into(B, T, Hq, Hk, d, e, dtype, capacity, seed,
-                 read_copy=False) -> dict[str, float]:
+def _decode_into(B, T, Hq, Hk, d, e, dtype, capacity, seed, read_copy=False,
+                 deg=2) -> dict[str, float]:
     """Token-by-token decoding into preallocated slots against the float64 reference."""
     _host()
     q, k, v, g = make_inputs(B, T, Hq, Hk, d, e, dtype=dtype, seed=seed)
-    st = make_state(B, Hk, d, e, seed=seed + 1)
+    st = make_state(B, Hk, d, e, deg, seed=seed + 1)
     state = RetentionState(st.S.float(), st.z.float())
     o, _, slots, held = decode_with_slots(q, k, v, g, state, capacity=capacity,
-                                          read_copy=read_copy)
-    ro, _ = attention_reference(q.double(), k.double(), v.double(), g.double(),
+                                          read_copy=read_copy, deg=deg)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), g.double(), deg=deg,
                                 initial_state=RetentionState(st.S, st.z))
     return {"o": rel_err(o, ro), "slots_differ": float(not torch.equal(slots.k[:, :held],
                                                                        k[:, -held:]))}
@@ -312,6 +326,12 @@ def case_decode_into_bf16_copy():
     """bf16 inputs reading a bf16 copy of the state (a bf16 model's cache): the state product
     takes bf16 operands."""
     return _decode_into(2, 13, 4, 2, 16, 8, torch.bfloat16, capacity=4, seed=12, read_copy=True)
+
+
+def case_deg4_decode_into_fold():
+    """Degree 4 decoding into slots (the decode kernel's rows from the index table, split over
+    programs) and folding the full buffer in place (the scan), GQA, float16."""
+    return _decode_into(2, 11, 4, 2, 16, 8, torch.float16, capacity=4, seed=13, deg=4)
 
 
 def case_decode_into_wide_values():

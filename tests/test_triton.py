@@ -43,6 +43,9 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "fp32_packed_no_state": torch.float32,
     "fp32_packed_no_final_state": torch.float32,
     "fp32_forward_in_head_halves": torch.float32,
+    "deg4_fp32_gqa_state": torch.float32,
+    "deg4_fp16_packed": torch.float16,
+    "deg4_decode_into_fold": torch.float16,
     "fp32_pieces_packed_state": torch.float32,
     "fp16_pieces_batch_no_state": torch.float16,
     "public_api_autograd": torch.float32,
@@ -87,8 +90,9 @@ def test_interpreted_kernels_match_reference(interpreted, case):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_kernels_compile_for_hopper(dtype):
+@pytest.mark.parametrize("dtype, deg, d", [("bfloat16", 2, 64), ("float32", 2, 64),
+                                          ("float16", 4, 32)])
+def test_kernels_compile_for_hopper(dtype, deg, d):
     """Every kernel compiles for sm_90 without a GPU (Triton carries ptxas), so a kernel that
     the interpreter runs but the compiler rejects fails here, not on the device; the report
     reads each kernel's registers from the cubin, and the loads that Triton prefetches in each
@@ -98,7 +102,8 @@ def test_kernels_compile_for_hopper(dtype):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(HERE.parent / "benchmarks" / "kernel_resources.py"), "--dtype", dtype,
-         "--chunks", "64", "--blocks", "64", "--warps", "8"],
+         "--deg", str(deg), "--d", str(d), "--e", str(d), "--chunks", "64", "--blocks", "64",
+         "--warps", "8"],
         env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
@@ -127,7 +132,9 @@ def test_dispatch_rule_and_env_var_forcing_the_pytorch_path(monkeypatch):
     monkeypatch.setenv("POWER_RETENTION_IMPL", "torch")
     assert not host.supported(x, x, 2)
     monkeypatch.delenv("POWER_RETENTION_IMPL")
-    assert not host.supported(x, x, 4)                       # degree 4 runs the PyTorch path
+    assert not host.supported(x, x, 4)                       # degree 4 up to d = 32
+    assert host.supported(x[..., :32], x[..., :32], 4) and host.supported(x[..., :16], x, 4)
+    assert not host.supported(x[..., :32], x, 6)
     assert not host.supported(x.double(), x.double(), 2)
     odd = torch.zeros(1, 1, 1, 48)                           # kernels take power-of-two heads
     assert not host.supported(odd, odd, 2)
@@ -188,15 +195,17 @@ def test_pieces_cover_every_token_once_cutting_on_chunk_boundaries(lengths, C, c
 
 def test_chunk_size_capped_for_fp32_state_tiles():
     """An explicit chunk is a speed setting: fp32 state tiles (fp16/fp32 inputs, bf16 ones at
-    d > 64) get at most 64 tokens, whose kernels fit the GPU's shared memory (128 did not, on
-    the H200)."""
+    d > 64 or degree 4) get at most 64 tokens, whose kernels fit the GPU's shared memory (128
+    did not, on the H200)."""
     pytest.importorskip("triton")
     from power_retention.ops.triton import host
-    for dtype, d, asked, taken in [(torch.float32, 64, 128, 64), (torch.float16, 64, 256, 64),
-                                   (torch.float32, 64, 32, 32), (torch.bfloat16, 64, 128, 128),
-                                   (torch.bfloat16, 64, 256, 128), (torch.bfloat16, 128, 128, 64)]:
+    for dtype, d, deg, asked, taken in [
+            (torch.float32, 64, 2, 128, 64), (torch.float16, 64, 2, 256, 64),
+            (torch.float32, 64, 2, 32, 32), (torch.bfloat16, 64, 2, 128, 128),
+            (torch.bfloat16, 64, 2, 256, 128), (torch.bfloat16, 128, 2, 128, 64),
+            (torch.bfloat16, 32, 4, 128, 64)]:
         x = torch.zeros(1, 1, 1, d, dtype=dtype)
-        assert host._chunk(asked, x, x, x) == taken, (dtype, d, asked)
+        assert host._chunk(asked, x, x, x, deg=deg) == taken, (dtype, d, deg, asked)
 
 
 class _TinyRetention(nn.Module):
@@ -273,27 +282,39 @@ def test_gpu_pieces_match_reference(monkeypatch):
     _check_host_against_reference(torch.bfloat16, 64)
 
 
-def _check_host_against_reference(dtype, d):
+def _check_host_against_reference(dtype, d, deg=2, T=1500):
     from power_retention.ops.triton import host
-    B, T, Hq, Hk, e = 2, 1500, 8, 4, d
+    B, Hq, Hk, e = 2, 8, 4, d
     q, k, v, g = _gpu_inputs(B, T, Hq, Hk, d, e, dtype)
-    st = make_state(B, Hk, d, e, seed=2)
+    st = make_state(B, Hk, d, e, deg, seed=2)
     S0, z0 = st.S.float().cuda(), st.z.float().cuda()
-    o, S, z, den, o_low = host.forward(q, k, v, g, S0, z0, None, d ** -0.5)
+    o, S, z, den, o_low = host.forward(q, k, v, g, S0, z0, None, d ** -0.5, deg=deg)
     gen = torch.Generator(device="cuda").manual_seed(9)
     do = torch.randn(o.shape, device="cuda", generator=gen).to(dtype)
     dS = torch.randn(S.shape, device="cuda", generator=gen)
     dz = torch.randn(z.shape, device="cuda", generator=gen)
-    grads = host.backward(do, dS, dz, q, k, v, g, S0, z0, None, o, den, o_low, d ** -0.5)
+    grads = host.backward(do, dS, dz, q, k, v, g, S0, z0, None, o, den, o_low, d ** -0.5,
+                          deg=deg)
 
     ref = [x.double().requires_grad_() for x in (q, k, v, g, S0, z0)]
-    ro, rfinal = attention_reference(*ref[:4], initial_state=RetentionState(ref[4], ref[5]))
+    ro, rfinal = attention_reference(*ref[:4], deg=deg,
+                                     initial_state=RetentionState(ref[4], ref[5]))
     torch.autograd.backward([ro, rfinal.S, rfinal.z], [do.double(), dS.double(), dz.double()])
     errors = {"o": rel_err(o, ro), "S": rel_err(S, rfinal.S), "z": rel_err(z, rfinal.z)}
     for name, x, r in zip(["dq", "dk", "dv", "dlog_gate", "dS0", "dz0"], grads, ref):
         errors[name] = rel_err(x, r.grad)
-    print(f"\n{dtype} d={d}: {errors}")                  # streamed with -s, even if cut short
-    assert _within(errors, dtype), f"{dtype} d={d}: {errors}"
+    print(f"\n{dtype} p={deg} d={d}: {errors}")         # streamed with -s, even if cut short
+    assert _within(errors, dtype), f"{dtype} p={deg} d={d}: {errors}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+def test_gpu_deg4_forward_backward_match_reference(dtype):
+    """Degree 4 at d = 32 (52,360 features), as the degree-2 test (700 tokens: the float64
+    reference holds every token's features)."""
+    _check_host_against_reference(dtype, 32, deg=4, T=700)
 
 
 @gpu

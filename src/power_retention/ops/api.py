@@ -10,7 +10,7 @@ from .chunk import chunk_forward, chunk_forward_varlen, compute_dtype, default_c
 from .decode import decode_attend, decode_step, fold, gate_zeros
 from .state import DecodeBuffer, RetentionState, sympow_dim
 
-try:                                        # the Triton kernels (CUDA, deg 2: see supported)
+try:                                        # the Triton kernels (CUDA: see supported)
     from . import triton as _triton_ops
 except ImportError:                         # no Triton installed: the PyTorch path only
     _triton_ops = None
@@ -43,7 +43,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None, S0: Tenso
     outputs."""
     if _use_triton(q, v, deg):
         return _triton_ops.forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
-                                   chunk_size or None, final_state)
+                                   chunk_size or None, final_state, deg)
     o, final, den = _run(q, k, v, log_gate, S0, z0, cu_seqlens, deg, scale, chunk_size)
     kept = slice(None) if final_state else slice(0)
     # custom-op outputs may not alias inputs (an empty sequence returns its initial state)
@@ -75,7 +75,8 @@ def _backward(grad_o: Tensor, grad_S: Tensor, grad_z: Tensor, q: Tensor, k: Tens
     if _use_triton(q, v, deg):
         grads = _triton_ops.backward(grad_o, grad_S if final_state else None,
                                      grad_z if final_state else None, q, k, v, log_gate, S0,
-                                     z0, cu_seqlens, o, den, o_low, scale, chunk_size or None)
+                                     z0, cu_seqlens, o, den, o_low, scale, chunk_size or None,
+                                     deg)
         return [g.contiguous() for g in grads if g is not None]   # as the fake promises
     # Recompute the forward and differentiate it, rather than storing its intermediates.
     # torch.func.vjp works here, where the custom op runs below the autograd dispatch key.
@@ -163,10 +164,10 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None = N
     Returns:
         ``o [B, T, Hq, e]`` in the dtype of ``q``; with ``output_final_state``, ``(o, state)``.
 
-    Implementation: CUDA tensors with ``deg == 2``, ``d`` of 16, 32, 64 or 128,
-    ``e <= 128`` and float16/bfloat16/float32 inputs run the Triton
-    kernels of ``ops/triton``; everything else (and any input when the environment variable
-    ``POWER_RETENTION_IMPL=torch`` is set) runs the chunked PyTorch path.
+    Implementation: CUDA tensors with ``deg == 2`` and ``d`` of 16, 32, 64 or 128, or
+    ``deg == 4`` and ``d`` of 16 or 32, ``e <= 128`` and float16/bfloat16/float32 inputs run the
+    Triton kernels of ``ops/triton``; everything else (and any input when the environment
+    variable ``POWER_RETENTION_IMPL=torch`` is set) runs the chunked PyTorch path.
     """
     deg, scale = check_inputs(q, k, v, log_gate, deg, scale, chunk_size, initial_state,
                               cu_seqlens)
@@ -199,7 +200,7 @@ def power_retention_decode(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | N
             new = DecodeBuffer(torch.cat([buffer.k, k], 1), torch.cat([buffer.v, v], 1),
                                torch.cat([buffer.log_gate.float(), gate], 1))
         # the kernel writes the new token into slot `held` of `new`, where it already is
-        o = _triton_ops.decode_into(q, k, v, gate, state.S, state.z, *new, held, scale)
+        o = _triton_ops.decode_into(q, k, v, gate, state.S, state.z, *new, held, scale, deg)
         if held + 1 >= chunk_size:
             state = _fold(state, new, deg, None)
             new = DecodeBuffer(*(x[:, :0] for x in new))
@@ -228,7 +229,8 @@ def power_retention_decode_into(q: Tensor, k: Tensor, v: Tensor, log_gate: Tenso
     deg, scale = check_decode_into_inputs(q, k, v, log_gate, state, buffer, held, deg, scale)
     gate = (log_gate if log_gate is not None else gate_zeros(k)).to(buffer.log_gate.dtype)
     if q.shape[1] == 1 and _use_triton(q, v, deg):
-        return _triton_ops.decode_into(q, k, v, gate, state.S, state.z, *buffer, held, scale)
+        return _triton_ops.decode_into(q, k, v, gate, state.S, state.z, *buffer, held, scale,
+                                       deg)
     end = held + q.shape[1]
     for slots, new in zip(buffer, (k, v, gate)):
         slots[:, held:end].copy_(new)
@@ -260,7 +262,7 @@ def _fold(state: RetentionState, buffer: DecodeBuffer, deg: int,
         if out is None or not (out.S.is_contiguous() and out.z.is_contiguous()):
             target = RetentionState(torch.empty_like(S), torch.empty_like(z))
         _triton_ops.fold(k.contiguous(), v.contiguous(), log_gate.float().contiguous(), S, z,
-                         *target)
+                         *target, deg)
     else:
         target = fold(state, k, v, log_gate, deg=deg)
     if out is not None and target.S is not out.S:

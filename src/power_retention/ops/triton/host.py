@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import NamedTuple
 import torch
 import triton
 
+from ..naive import _sympow_layout
 from . import kernels
 
 BD, KP = 8, 16     # index blocks of 8 (tiles of 64 features), their slices padded to 16 columns
@@ -38,9 +40,11 @@ def supported(q: torch.Tensor, v: torch.Tensor, deg: int) -> bool:
         return False
     d, e = q.shape[-1], v.shape[-1]
     # d = 128 passed its GPU test in every dtype (H100, docs/benchmarks.md run 45): fp16 and
-    # bf16 there take tf32 products and fp32 chunk states (``_bf16_products``)
-    return (deg == 2 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and d in (16, 32, 64, 128) and 1 <= e <= 128)
+    # bf16 there take tf32 products and fp32 chunk states (``_bf16_products``). Degree 4 runs
+    # at d <= 32 (D = 52,360 features at d = 32; 766,480 at d = 64)
+    heads = (16, 32, 64, 128) if deg == 2 else (16, 32) if deg == 4 else ()
+    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and d in heads
+            and 1 <= e <= 128)
 
 
 def low_width(dtype: torch.dtype, e: int) -> int:
@@ -94,28 +98,57 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def _bf16_products(dtype: torch.dtype, d: int, e: int) -> bool:
+class _Features(NamedTuple):
+    """How the kernels walk ``phi`` for a head size and degree: ``NT`` tiles of ``F = BD * BD``
+    rows, ``D`` features in the exact layout of ``sympow_embed``. Degree 2 walks pairs of index
+    blocks; degree 4 the exact layout itself, from the tables ``index [NT F, 4]`` (int32: each
+    row's indices) and ``coefs [NT F]`` (float32; 0 on the rows that pad the last tile)."""
+    deg: int
+    NT: int
+    D: int
+    index: torch.Tensor | None
+    coefs: torch.Tensor | None
+
+
+@functools.cache
+def _features(d: int, deg: int, device: torch.device) -> _Features:
+    """Made once per device (a CUDA graph being captured could not copy the tables over)."""
+    if deg == 2:
+        NB = d // BD
+        return _Features(2, NB * (NB + 1) // 2, d * (d + 1) // 2, None, None)
+    rows, coef = _sympow_layout(d, deg)
+    F = BD * BD
+    NT = -(-len(rows) // F)
+    index = torch.zeros(NT * F, deg, dtype=torch.int32)
+    coefs = torch.zeros(NT * F, dtype=torch.float32)
+    index[:len(rows)] = torch.tensor(rows, dtype=torch.int32)
+    coefs[:len(rows)] = torch.tensor(coef, dtype=torch.float32)
+    return _Features(deg, NT, len(rows), index.to(device), coefs.to(device))
+
+
+def _bf16_products(dtype: torch.dtype, d: int, e: int, deg: int = 2) -> bool:
     """Whether the kernels take bf16 operands and keep the chunk states in bf16 (the fast
-    path): bf16 inputs with ``d, e <= 64``. Wider bf16 inputs run as fp16 ones do (tf32
-    products, fp32 states, one launch configuration, chunks up to 64): with bf16 products at
-    d = e = 128 the initial normaliser's gradient missed its tolerance (dz0 3.0e-2 on the
-    H100, docs/benchmarks.md run 44), the rounding of the feature tiles and chunk states
-    carried into every output and through ``-(do . o) / den`` into dz0; fp16 inputs, the
-    same kernels with tf32 products, passed there (2.4e-3)."""
-    return dtype == torch.bfloat16 and d <= 64
+    path): bf16 inputs with ``d, e <= 64`` at degree 2. Wider bf16 inputs, and degree 4 (whose
+    features are products of four rounded factors, 52,360 of them at d = 32), run as fp16 ones do
+    (tf32 products, fp32 states, chunks up to 64): with bf16 products at d = e = 128 the initial
+    normaliser's gradient missed its tolerance (dz0 3.0e-2 on the H100, docs/benchmarks.md run 44),
+    the rounding of the feature tiles and chunk states carried into every output and through ``-(do
+    . o) / den`` into dz0; fp16 inputs, the same kernels with tf32 products, passed there
+    (2.4e-3)."""
+    return dtype == torch.bfloat16 and d <= 64 and deg == 2
 
 
-def _flags(dtype: torch.dtype, d: int, e: int) -> dict:
+def _flags(dtype: torch.dtype, d: int, e: int, deg: int) -> dict:
     # fp32 inputs get exact fp32 products; fp16 ones (and wide bf16 ones) tf32, whose
     # operands are as precise as fp16's
     prec = "ieee" if (dtype == torch.float32 or INTERPRET) else "tf32"
-    return {"BF16": _bf16_products(dtype, d, e), "PREC": prec}
+    return {"BF16": _bf16_products(dtype, d, e, deg), "PREC": prec, "DEG": deg}
 
 
-def _state_dtype(dtype: torch.dtype, d: int, e: int) -> torch.dtype:
+def _state_dtype(dtype: torch.dtype, d: int, e: int, deg: int) -> torch.dtype:
     """The chunk states between kernels: bf16 where the products read them as bf16 anyway;
     else fp32 (fp16 states would overflow over long ungated contexts)."""
-    return torch.bfloat16 if _bf16_products(dtype, d, e) else torch.float32
+    return torch.bfloat16 if _bf16_products(dtype, d, e, deg) else torch.float32
 
 
 class _Layout:
@@ -154,7 +187,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
-def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, reverse: bool,
+def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, deg: int, reverse: bool,
           coef_scale: float = 1.0, groups: int = 1, st_dtype: torch.dtype,
           store_states: bool = True, store_final: bool = True, parts=None):
     """One scan across the chunks: forward (``x, y = k, v``; the chunk states and the final
@@ -166,8 +199,8 @@ def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, reverse: bool,
     stream; None: one launch of all heads on the current stream."""
     Hx, d, e = x.shape[1], x.shape[2], y.shape[2]
     Hk = Hx // groups
-    NB, D = d // BD, d * (d + 1) // 2
-    NT, F = NB * (NB + 1) // 2, BD * BD
+    feat = _features(d, deg, x.device)
+    NT, D, F = feat.NT, feat.D, BD * BD
     S_out = _empty(lay.N if store_final else 0, Hk, D, e, dtype=torch.float32, device=x.device)
     z_out = _empty(lay.N if store_final else 0, Hk, D, dtype=torch.float32, device=x.device)
     states = zstates = None
@@ -176,9 +209,9 @@ def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, reverse: bool,
         zstates = _empty(lay.n_chunks, Hk, NT, F, dtype=torch.float32, device=x.device)
     if not lay.N:
         return states, zstates, S_out, z_out
-    meta = dict(GROUPS=groups, C=C, BD=BD, KP=KP, NB=NB, REVERSE=reverse,
+    meta = dict(GROUPS=groups, C=C, BD=BD, KP=KP, NB=d // BD, NT=NT, REVERSE=reverse,
                 USE_GATE=g is not None, HAS_INIT=S_in is not None, HAS_Y1=y1 is not None,
-                STORE_STATES=store_states, STORE_FINAL=store_final, **_flags(x.dtype, d, e))
+                STORE_STATES=store_states, STORE_FINAL=store_final, **_flags(x.dtype, d, e, deg))
     # one program per (tile, block of value columns, sequence x KV head); the tuning bucket
     # SEQS (sequences x KV heads, a power of two <= 256) separates batch-1 scans from batches
     BE = min(64, _pow2(e))
@@ -188,34 +221,37 @@ def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, reverse: bool,
             scan[(NT, triton.cdiv(e, BE), lay.N * hs)](
                 x, y, y1, g, S_in, z_in, S_out if states is None else states,
                 z_out if zstates is None else zstates, S_out, z_out, lay.cu, lay.chunk_offsets,
-                coef_scale, Hx, Hk, h0, hs, d, e, D, seqs, BE=BE, LOOP_FOR=not INTERPRET,
-                **meta)
+                feat.index, feat.coefs, coef_scale, Hx, Hk, h0, hs, d, e, D, seqs, BE=BE,
+                LOOP_FOR=not INTERPRET, **meta)
     return states, zstates, S_out, z_out
 
 
-def _states(q, k, v, g, S0, z0, lay: _Layout, C: int, final_state: bool = True, parts=None):
+def _states(q, k, v, g, S0, z0, lay: _Layout, C: int, deg: int, final_state: bool = True,
+            parts=None):
     """The forward scan: chunk states ``[chunks, Hk, NT, F, e]`` (``_state_dtype``) and the
     final state."""
-    st_dtype = _state_dtype(q.dtype, q.shape[-1], v.shape[-1])
-    return _scan(k, v, None, g, S0, z0, lay, C, reverse=False, st_dtype=st_dtype,
+    st_dtype = _state_dtype(q.dtype, q.shape[-1], v.shape[-1], deg)
+    return _scan(k, v, None, g, S0, z0, lay, C, deg=deg, reverse=False, st_dtype=st_dtype,
                  store_final=final_state, parts=parts)
 
 
-def _outputs(q, k, v, g, states, zstates, lay: _Layout, scale: float, C: int, parts=None):
+def _outputs(q, k, v, g, states, zstates, lay: _Layout, scale: float, C: int, deg: int,
+             parts=None):
     Ttot, Hq, d = q.shape
     Hk, e = k.shape[1], v.shape[2]
     groups = Hq // Hk
     o = _empty(Ttot, Hq, e, dtype=q.dtype, device=q.device)
     o_low = _empty(Ttot, Hq, low_width(q.dtype, e), dtype=q.dtype, device=q.device)
     den = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
+    feat = _features(d, deg, q.device)
     if lay.n_chunks:
         for h0, hs, stream in parts or [(0, Hk, None)]:
             with _on(stream):
                 output_fwd[(lay.n_chunks, hs * groups)](
                     q, k, v, g, states, zstates, o, o_low, den, lay.cu, lay.chunk_indices,
-                    scale, Hq, Hk, h0 * groups, d, e, C=C, BD=BD, KP=KP, NB=d // BD,
-                    EP=_pow2(e), USE_GATE=g is not None, LOW=o_low.shape[-1] > 0,
-                    **_flags(q.dtype, d, e))
+                    feat.index, feat.coefs, scale, Hq, Hk, h0 * groups, d, e, C=C, BD=BD,
+                    KP=KP, NB=d // BD, NT=feat.NT, EP=_pow2(e), USE_GATE=g is not None,
+                    LOW=o_low.shape[-1] > 0, **_flags(q.dtype, d, e, deg))
     return o, o_low, den
 
 
@@ -234,69 +270,70 @@ def _head_parts(x: torch.Tensor, Hk: int, programs: int):
     return [(0, first, None), (first, Hk - first, side)]
 
 
-def _run_forward(q, k, v, g, S0, z0, cu_seqlens, scale, C, final_state=True):
+def _run_forward(q, k, v, g, S0, z0, cu_seqlens, scale, C, final_state=True, deg=2):
     B, T, _, d = q.shape
     Hk = k.shape[2]
     lay = _Layout(B, T, cu_seqlens, C, q.device)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     gf = None if g is None else _flat(g)
-    NB = d // BD
-    parts = _head_parts(q, Hk, NB * (NB + 1) // 2 * lay.N * Hk)
+    parts = _head_parts(q, Hk, _features(d, deg, q.device).NT * lay.N * Hk)
     streams = [stream for _, _, stream in parts or [] if stream is not None]
     for stream in streams:
         stream.wait_stream(torch.cuda.current_stream(q.device))
-    states, zstates, S_T, z_T = _states(qf, kf, vf, gf, S0, z0, lay, C, final_state, parts)
-    o, o_low, den = _outputs(qf, kf, vf, gf, states, zstates, lay, scale, C, parts)
+    states, zstates, S_T, z_T = _states(qf, kf, vf, gf, S0, z0, lay, C, deg, final_state,
+                                        parts)
+    o, o_low, den = _outputs(qf, kf, vf, gf, states, zstates, lay, scale, C, deg, parts)
     for stream in streams:
         torch.cuda.current_stream(q.device).wait_stream(stream)
     return (o.view(B, T, *o.shape[1:]), S_T, z_T, den.view(B, T, -1),
             o_low.view(B, T, *o_low.shape[1:]))
 
 
-def _largest_chunk(q: torch.Tensor, e: int) -> int:
+def _largest_chunk(q: torch.Tensor, e: int, deg: int) -> int:
     """fp32 state tiles (``_state_dtype``) make kernels that pass the H200's shared memory
     (227 KiB) at 128-token chunks: the chunk is a speed setting, so it is capped here."""
-    return max(CHUNK_CANDIDATES) if _bf16_products(q.dtype, q.shape[-1], e) else 64
+    return max(CHUNK_CANDIDATES) if _bf16_products(q.dtype, q.shape[-1], e, deg) else 64
 
 
-def _chunk(chunk_size, q, k, v, *args, for_backward: bool = False) -> int:
+def _chunk(chunk_size, q, k, v, *args, deg: int, for_backward: bool = False) -> int:
     """An explicit chunk size (a power of two from 16, capped by ``_largest_chunk``) or a
     tuned one (forward and backward are tuned apart: the backward recomputes its own chunk
     states, and its kernels hold more per chunk)."""
     if chunk_size in (16, 32, 64, 128, 256):
-        return min(chunk_size, _largest_chunk(q, v.shape[-1]))
-    return pick_chunk_size(q, k, v, *args, for_backward=for_backward)
+        return min(chunk_size, _largest_chunk(q, v.shape[-1], deg))
+    return pick_chunk_size(q, k, v, *args, for_backward=for_backward, deg=deg)
 
 
 def forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale: float, chunk_size: int | None = None,
-            final_state: bool = True):
+            final_state: bool = True, deg: int = 2):
     """``(o [B,T,Hq,e], S [N,Hk,D,e], z [N,Hk,D], den [B,T,Hq], o_low [B,T,Hq,low])``;
     arguments as ``power_retention``'s, the initial state split into ``S0, z0`` (or None).
     ``chunk_size`` None picks a tuned one. ``den`` (fp32 denominators) and ``o_low``
     (``low_width`` columns) let ``backward`` skip the outputs.
     Without ``final_state`` the final state is not kept (``N = 0``). A call whose chunk states
     would not fit the GPU runs in pieces (``_passes``)."""
-    C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale)
-    passes = _passes(q, k, v, cu_seqlens, C, buffers=1)
+    C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale, deg=deg)
+    passes = _passes(q, k, v, cu_seqlens, C, 1, deg)
     if passes is None:
-        return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C, final_state)
-    return _forward_in_pieces(q, k, v, log_gate, S0, z0, passes, scale, C, final_state)
+        return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C, final_state, deg)
+    return _forward_in_pieces(q, k, v, log_gate, S0, z0, passes, scale, C, final_state, deg)
 
 
 def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, o_low,
-             scale: float, chunk_size: int | None = None):
+             scale: float, chunk_size: int | None = None, deg: int = 2):
     """Gradients ``dq, dk, dv, dlog_gate, dS0, dz0`` (None for absent inputs), given
     ``forward``'s ``o``, ``den`` and ``o_low`` and the final state's gradient ``dS_T, dz_T``
     (None: zero); the chunk states are recomputed rather than stored. A call whose chunk
     states (two sets: the scan and the reverse scan) would not fit the GPU runs in pieces
     (``_passes``)."""
-    C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale, for_backward=True)
-    passes = _passes(q, k, v, cu_seqlens, C, buffers=2)
+    C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale, deg=deg,
+               for_backward=True)
+    passes = _passes(q, k, v, cu_seqlens, C, 2, deg)
     if passes is None:
         return _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
-                             o_low, scale, C)
+                             o_low, scale, C, deg)
     return _backward_in_pieces(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, passes, o, den,
-                               o_low, scale, C)
+                               o_low, scale, C, deg)
 
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
@@ -319,14 +356,15 @@ def _on(stream: torch.cuda.Stream | None):
 
 
 def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, o_low,
-                  scale: float, C: int):
+                  scale: float, C: int, deg: int = 2):
     B, T, Hq, d = q.shape
     Hk, e = k.shape[2], v.shape[3]
+    feat = _features(d, deg, q.device)
     NB, EP = d // BD, _pow2(e)
     lay = _Layout(B, T, cu_seqlens, C, q.device)
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(do)
     gf = None if log_gate is None else _flat(log_gate)
-    flags = dict(USE_GATE=gf is not None, KP=KP, **_flags(q.dtype, d, e))
+    flags = dict(USE_GATE=gf is not None, KP=KP, NT=feat.NT, **_flags(q.dtype, d, e, deg))
     Ttot = B * T
 
     # Two streams. The side one recomputes the chunk states and then runs dq_kernel, which
@@ -339,7 +377,7 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
     if side is not None:
         side.wait_stream(main)
     with _on(side):
-        states, zstates, _, _ = _states(qf, kf, vf, gf, S0, z0, lay, C)
+        states, zstates, _, _ = _states(qf, kf, vf, gf, S0, z0, lay, C, deg)
     o, o_low, den = _flat(o), _flat(o_low), den.reshape(Ttot, Hq)
     # do / den in the dtype the products read it in (that of the chunk states)
     dy = _empty(Ttot, Hq, e, dtype=states.dtype, device=q.device)
@@ -355,13 +393,13 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
     with _on(side):
         if lay.n_chunks:
             dq_bwd[(lay.n_chunks, Hq)](qf, kf, vf, gf, states, zstates, dy, dyz, dq, dg_q,
-                                       lay.cu, lay.chunk_indices, scale, Hq, Hk, d, e, C=C,
-                                       BD=BD, NB=NB, EP=EP, **flags)
+                                       lay.cu, lay.chunk_indices, feat.index, feat.coefs, scale,
+                                       Hq, Hk, d, e, C=C, BD=BD, NB=NB, EP=EP, **flags)
 
     if dS_T is not None:
         dS_T, dz_T = dS_T.contiguous().float(), dz_T.contiguous().float()
-    dstates, dzstates, dS0, dz0 = _scan(qf, dy, dyz, gf, dS_T, dz_T, lay, C, reverse=True,
-                                        coef_scale=scale * scale, groups=Hq // Hk,
+    dstates, dzstates, dS0, dz0 = _scan(qf, dy, dyz, gf, dS_T, dz_T, lay, C, deg=deg,
+                                        reverse=True, coef_scale=scale ** deg, groups=Hq // Hk,
                                         st_dtype=states.dtype, store_final=S0 is not None)
 
     if side is not None:
@@ -373,8 +411,9 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
     dg_k = _empty(Ttot, Hk, dtype=torch.float32, device=q.device)
     if lay.n_chunks:
         dkv_bwd[(lay.n_chunks, Hk)](qf, kf, vf, gf, states, zstates, dstates, dzstates, dy,
-                                    dyz, dk, dv, dg_k, lay.cu, lay.chunk_indices, scale,
-                                    Hq, Hk, d, e, Hq // Hk, C=C, BD=BD, NB=NB, EP=EP, **flags)
+                                    dyz, dk, dv, dg_k, lay.cu, lay.chunk_indices, feat.index,
+                                    feat.coefs, scale, Hq, Hk, d, e, Hq // Hk, C=C, BD=BD,
+                                    NB=NB, EP=EP, **flags)
 
     dg = None
     if log_gate is not None:     # the two kernels' parts of it (kernels._straddle_intra)
@@ -405,7 +444,7 @@ class _Pass(NamedTuple):
     continues: bool
 
 
-def _passes(q, k, v, cu_seqlens, C: int, buffers: int) -> list[_Pass] | None:
+def _passes(q, k, v, cu_seqlens, C: int, buffers: int, deg: int = 2) -> list[_Pass] | None:
     """The passes of a call whose ``buffers`` sets of chunk states (and the per-token buffers
     of one pass) would not fit the memory the GPU has free, or None to run it in one pass.
     Pieces hold equal numbers of tokens, as many as fit in 80% of that memory (``PIECE_TOKENS``
@@ -419,16 +458,16 @@ def _passes(q, k, v, cu_seqlens, C: int, buffers: int) -> list[_Pass] | None:
     else:
         if not q.is_cuda or not total or torch.cuda.is_current_stream_capturing():
             return None
-        NB, size = d // BD, q.element_size()
-        st_bytes = _state_dtype(q.dtype, d, e).itemsize
-        per_chunk = buffers * Hk * NB * (NB + 1) // 2 * BD * BD * (e * st_bytes + 4)
+        feat, size = _features(d, deg, q.device), q.element_size()
+        st_bytes = _state_dtype(q.dtype, d, e, deg).itemsize
+        per_chunk = buffers * Hk * feat.NT * BD * BD * (e * st_bytes + 4)
         # o, o_low and den (forward); dy, dy_z, dq, dk, dv and the gates' parts (backward)
         per_token = (Hq * ((e + low_width(q.dtype, e)) * size + 4) if buffers == 1 else
                      Hq * (e * st_bytes + 8 + d * size) + Hk * ((d + e) * size + 4))
         sequences = B if cu_seqlens is None else cu_seqlens.numel() - 1
         # and a float32 state per sequence: the final one (forward); the final one's gradient,
         # the initial one's and the carried one (backward)
-        per_sequence = (1 + 2 * (buffers - 1)) * Hk * d * (d + 1) // 2 * (e + 1) * 4
+        per_sequence = (1 + 2 * (buffers - 1)) * Hk * feat.D * (e + 1) * 4
         need = ((total / C + sequences) * per_chunk + total * per_token
                 + sequences * per_sequence)
         if need <= 0.25 * torch.cuda.get_device_properties(q.device).total_memory:
@@ -492,9 +531,9 @@ def _pass_inputs(p: _Pass, *xs):
 
 
 def _forward_in_pieces(q, k, v, g, S0, z0, passes: list[_Pass], scale: float, C: int,
-                       final_state: bool):
+                       final_state: bool, deg: int):
     B, T, Hq, _ = q.shape
-    Hk, D, e = k.shape[2], q.shape[3] * (q.shape[3] + 1) // 2, v.shape[3]
+    Hk, D, e = k.shape[2], _features(q.shape[3], deg, q.device).D, v.shape[3]
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     gf = None if g is None else _flat(g)
     N = passes[-1].first + len(passes[-1].bounds) - 1
@@ -508,7 +547,7 @@ def _forward_in_pieces(q, k, v, g, S0, z0, passes: list[_Pass], scale: float, C:
     for p in passes:
         S0p, z0p = _pass_state(p, S0, z0, carried)
         *xs, cu = _pass_inputs(p, qf, kf, vf, gf)
-        op, Sp, zp, denp, lowp = _run_forward(*xs, S0p, z0p, cu, scale, C)
+        op, Sp, zp, denp, lowp = _run_forward(*xs, S0p, z0p, cu, scale, C, True, deg)
         o[p.a:p.b], den[p.a:p.b], o_low[p.a:p.b] = op[0], denp[0], lowp[0]
         ended = len(p.bounds) - 1 - p.continues          # segments that end their sequence
         if final_state:
@@ -519,12 +558,12 @@ def _forward_in_pieces(q, k, v, g, S0, z0, passes: list[_Pass], scale: float, C:
 
 
 def _backward_in_pieces(do, dS_T, dz_T, q, k, v, g, S0, z0, passes: list[_Pass], o, den,
-                        o_low, scale: float, C: int):
+                        o_low, scale: float, C: int, deg: int):
     """The passes in reverse, each carrying the gradient of the state at its start to the pass
     before; the state entering each resuming pass comes first, from forward scans of the
     segments that continue (without chunk states: about a sixth of the work of a backward)."""
     B, T, Hq, _ = q.shape
-    st_dtype = _state_dtype(q.dtype, q.shape[-1], v.shape[-1])
+    st_dtype = _state_dtype(q.dtype, q.shape[-1], v.shape[-1], deg)
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(do)
     of, lowf = _flat(o), _flat(o_low)
     gf = None if g is None else _flat(g)
@@ -540,8 +579,8 @@ def _backward_in_pieces(do, dS_T, dz_T, q, k, v, g, S0, z0, passes: list[_Pass],
                 S0p, z0p = S0p[-1:], z0p[-1:]
             lay = _Layout(1, p.b - start, None, C, q.device)
             xs = [None if x is None else x[start:p.b] for x in (kf, vf, gf)]
-            _, _, S, z = _scan(xs[0], xs[1], None, xs[2], S0p, z0p, lay, C, reverse=False,
-                               st_dtype=st_dtype, store_states=False)
+            _, _, S, z = _scan(xs[0], xs[1], None, xs[2], S0p, z0p, lay, C, deg=deg,
+                               reverse=False, st_dtype=st_dtype, store_states=False)
             carried = (S, z)
     grads = [_empty(*x.shape, dtype=x.dtype, device=x.device) for x in (qf, kf, vf)]
     grads.append(None if g is None else torch.empty_like(gf))
@@ -561,7 +600,7 @@ def _backward_in_pieces(do, dS_T, dz_T, q, k, v, g, S0, z0, passes: list[_Pass],
             dSp, dzp = torch.cat([dSp[:-1], carried[0]]), torch.cat([dzp[:-1], carried[1]])
         *views, cu = _pass_inputs(p, dof, qf, kf, vf, gf, of, denf, lowf)
         part = _run_backward(views[0], dSp, dzp, *views[1:5], S0p, z0p, cu, *views[5:], scale,
-                             C)
+                             C, deg)
         for full, x in zip(grads[:4], part[:4]):
             if full is not None:
                 full[p.a:p.b] = x[0]
@@ -575,7 +614,7 @@ def _backward_in_pieces(do, dS_T, dz_T, q, k, v, g, S0, z0, passes: list[_Pass],
 
 
 def decode_into(q, k, v, log_gate, S, z, buffer_k, buffer_v, buffer_log_gate, held: int,
-                scale: float) -> torch.Tensor:
+                scale: float, deg: int = 2) -> torch.Tensor:
     """Output ``o [B, 1, Hq, e]`` of one new token per sequence (``q [B, 1, Hq, d]``, ``k``,
     ``v``, ``log_gate [B, 1, Hk]``) against the state ``S, z`` and the ``held`` tokens of a
     preallocated buffer (``buffer_k [B, capacity, Hk, d]``, ``buffer_v``, ``buffer_log_gate``,
@@ -590,7 +629,8 @@ def decode_into(q, k, v, log_gate, S, z, buffer_k, buffer_v, buffer_log_gate, he
     # us to read the states once. The interpreter counts one multiprocessor, so its small tests
     # take the split ways.
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    D, EP = d * (d + 1) // 2, _pow2(e)
+    feat, EP = _features(d, deg, q.device), _pow2(e)
+    D = feat.D
     R = 64 if B * Hk * triton.cdiv(D, 64) <= 4 * sms and EP <= 64 else 32
     blocks = triton.cdiv(D, R)
     split = max(1, min(blocks, round(4 * sms / (B * Hk))))
@@ -599,16 +639,16 @@ def decode_into(q, k, v, log_gate, S, z, buffer_k, buffer_v, buffer_log_gate, he
                                       device=q.device)
     kernels.decode_kernel[(B * Hk, split)](
         q.contiguous(), k.contiguous(), v.contiguous(), log_gate.contiguous(), buffer_k,
-        buffer_v, buffer_log_gate, S.contiguous(), z.contiguous(), out, scale, held, Hk, d, e,
-        D, cap, G=Hq // Hk, GP=_pow2(Hq // Hk), LP=_pow2(cap), DK=d, R=R,
-        NBLK=triton.cdiv(blocks, split), EP=EP, SPLIT=split, STAGES=3,
+        buffer_v, buffer_log_gate, S.contiguous(), z.contiguous(), out, feat.index, feat.coefs,
+        scale, held, Hk, d, e, D, cap, G=Hq // Hk, GP=_pow2(Hq // Hk), LP=_pow2(cap), DK=d, R=R,
+        NBLK=triton.cdiv(blocks, split), EP=EP, SPLIT=split, DEG=deg, STAGES=3,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     if split > 1:
         kernels.decode_finish_kernel[(B * Hq,)](out, o, e, NT=split, NTP=_pow2(split), EP=EP)
     return o
 
 
-def fold(k, v, log_gate, S, z, S_out, z_out) -> None:
+def fold(k, v, log_gate, S, z, S_out, z_out, deg: int = 2) -> None:
     """Fold a decoding buffer into the state: ``S_out, z_out`` (``[B, Hk, D, e]``,
     ``[B, Hk, D]``, float32; they may be ``S, z`` themselves) become the state after the
     tokens ``k [B, L, Hk, d]``, ``v [B, L, Hk, e]``, ``log_gate [B, L, Hk]`` (contiguous) from
@@ -624,14 +664,14 @@ def fold(k, v, log_gate, S, z, S_out, z_out) -> None:
         return
     C = min(_pow2(L), 64)
     lay = _Layout(B, L, None, C, k.device)
-    NB, BE = d // BD, min(64, _pow2(e))
+    feat, BE = _features(d, deg, k.device), min(64, _pow2(e))
     extra = {} if INTERPRET else {"num_warps": 4, "num_stages": 2}
-    kernels.scan_kernel[(NB * (NB + 1) // 2, triton.cdiv(e, BE), B * Hk)](
+    kernels.scan_kernel[(feat.NT, triton.cdiv(e, BE), B * Hk)](
         _flat(k), _flat(v), None, _flat(log_gate), S, z, S_out, z_out, S_out, z_out, lay.cu,
-        lay.chunk_offsets, 1.0, Hk, Hk, 0, Hk, d, e, d * (d + 1) // 2, 1, GROUPS=1, C=C, BD=BD,
-        KP=KP, NB=NB, BE=BE, REVERSE=False, USE_GATE=True, HAS_INIT=True, HAS_Y1=False,
-        STORE_STATES=False, STORE_FINAL=True, LOOP_FOR=not INTERPRET, **_flags(k.dtype, d, e),
-        **extra)
+        lay.chunk_offsets, feat.index, feat.coefs, 1.0, Hk, Hk, 0, Hk, d, e, feat.D, 1,
+        GROUPS=1, C=C, BD=BD, KP=KP, NB=d // BD, NT=feat.NT, BE=BE, REVERSE=False,
+        USE_GATE=True, HAS_INIT=True, HAS_Y1=False, STORE_STATES=False, STORE_FINAL=True,
+        LOOP_FOR=not INTERPRET, **_flags(k.dtype, d, e, deg), **extra)
 
 
 # ---- chunk-size choice: timed once per shape bucket and GPU, cached in a JSON file ----
@@ -644,17 +684,19 @@ def _cache_path() -> Path:
 _chunk_cache: dict[str, int] | None = None
 
 
-def _bucket(q, k, v, log_gate, cu_seqlens) -> str:
+def _bucket(q, k, v, log_gate, cu_seqlens, deg: int) -> str:
     B, T, Hq, d = q.shape
     tokens = B * T if cu_seqlens is None else T
     per_seq = T if cu_seqlens is None else max(1, T // max(1, cu_seqlens.numel() - 1))
     gpu = torch.cuda.get_device_name(q.device) if q.is_cuda else "cpu"
-    return (f"{gpu}|{q.dtype}|d{d}|e{v.shape[-1]}|hq{Hq}|hk{k.shape[2]}|g{log_gate is not None}"
+    power = "" if deg == 2 else f"p{deg}|"
+    return (f"{gpu}|{q.dtype}|{power}d{d}|e{v.shape[-1]}|hq{Hq}|hk{k.shape[2]}"
+            f"|g{log_gate is not None}"
             f"|tok2^{max(tokens, 1).bit_length()}|seq2^{per_seq.bit_length()}")
 
 
 def pick_chunk_size(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
-                    for_backward: bool = False) -> int:
+                    for_backward: bool = False, deg: int = 2) -> int:
     """Chunk size for this shape: the fastest forward (or backward) of ``CHUNK_CANDIDATES`` on
     this GPU, measured on the first call of each shape bucket and remembered on disk."""
     global _chunk_cache
@@ -667,28 +709,32 @@ def pick_chunk_size(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
             _chunk_cache = json.loads(_cache_path().read_text())
         except (OSError, ValueError):
             _chunk_cache = {}
-    key = _bucket(q, k, v, log_gate, cu_seqlens) + ("|backward" if for_backward else "")
+    key = _bucket(q, k, v, log_gate, cu_seqlens, deg) + ("|backward" if for_backward else "")
     if key not in _chunk_cache:
         # the chunk states of forward and backward take 2 * chunks * Hk * NT * F * e elements:
         # candidates whose buffers would pass a quarter of the GPU are not tried
         B, T, _, d = q.shape
         Hk, e = k.shape[2], v.shape[-1]
-        per_chunk = Hk * (d // BD) * (d // BD + 1) // 2 * BD * BD * (e * 2 + 4)
+        largest = _largest_chunk(q, e, deg)
+        per_chunk = Hk * _features(d, deg, q.device).NT * BD * BD * (e * 2 + 4)
         budget = torch.cuda.get_device_properties(q.device).total_memory / 4
         fits = [C for C in CHUNK_CANDIDATES if 2 * per_chunk * (B * T / C + B) <= budget
-                and C <= _largest_chunk(q, e)]
-        times = {min(max(CHUNK_CANDIDATES), _largest_chunk(q, e)): 0.0} if not fits else {}
-        if for_backward and fits:
-            with torch.no_grad():
-                o, S, z, den, o_low = _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
-                                                   fits[0])
-            do, dS, dz = torch.ones_like(o), torch.zeros_like(S), torch.zeros_like(z)
-        for C in fits:
+                and C <= largest]
+        # none fits: the largest (the call then runs in pieces); one: nothing to time
+        times = {fits[0] if fits else min(max(CHUNK_CANDIDATES), largest): 0.0}
+        if len(fits) > 1:
+            times = {}
+            if for_backward:
+                with torch.no_grad():
+                    o, S, z, den, o_low = _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens,
+                                                       scale, fits[0], True, deg)
+                do, dS, dz = torch.ones_like(o), torch.zeros_like(S), torch.zeros_like(z)
+        for C in fits if len(fits) > 1 else ():
             def run(C=C):
                 if for_backward:
                     return backward(do, dS, dz, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
-                                    o_low, scale, C)
-                return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C)
+                                    o_low, scale, C, deg)
+                return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C, True, deg)
             times[C] = triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median")
         _chunk_cache[key] = min(times, key=times.get)
         try:

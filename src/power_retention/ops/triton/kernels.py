@@ -1,4 +1,4 @@
-"""Triton kernels of chunked power retention, degree 2 (DESIGN.md section 2, chunked form).
+"""Triton kernels of chunked power retention, degrees 2 and 4 (DESIGN.md section 2, chunked form).
 
 Feature layout. ``phi(x)`` for ``deg = 2`` has one coordinate per pair ``i <= j`` of the ``d``
 indices. The kernels cut the indices into ``NB`` blocks of ``BD`` and walk the pairs of blocks
@@ -19,6 +19,14 @@ symmetric ``d x d x e`` array ``F`` (``phi(x).S = sum_ab x_a x_b F_ab``), a stat
 is ``d`` rows gathered from the tiles (times ``1 / sqrt(2)`` off the diagonal), and the gradient
 of ``q`` through it is ``2 sum_b q_b (dY F_b^T)``: ``d`` plain products of width ``d`` and no
 feature gradient to add back into its indices (the keys' alike).
+
+Degree 4 (``DEG = 4``, head sizes up to 32) walks the exact layout of ``sympow_embed`` itself, in
+tiles of ``F`` consecutive rows (``NT`` of them, the last one padded with coefficient 0), so its
+chunk states need no gathering: ``index [NT F, 4]`` holds each row's indices ``i <= j <= k <= l``
+and ``coefs [NT F]`` its coefficient. A tile is the elementwise product of four factors ``x @
+E_m`` (``E_m [d, F]`` the 0/1 matrix putting column ``index[f, m]`` at feature ``f``), and a
+gradient returns through the same matrices: ``dx = sum_m (dphi * prod_{m' != m} x @ E_m') @
+E_m^T``. Its products take fp32 operands whatever the input dtype (the host keeps ``BF16`` off).
 
 Every sequence is a range ``[bos, eos)`` of a packed ``[T_total, H, x]`` tensor, cut into chunks of
 ``C`` tokens (the last one shorter and masked). Gates enter as log-gates; inside a chunk their
@@ -192,10 +200,58 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _chunk_contrib(x, y, y1, g, t, mt, i_h, Hx, Hk, d, e, a, b, ea_t, eb_t, coef, re, me,
-                   GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
-                   BE: tl.constexpr, REVERSE: tl.constexpr, USE_GATE: tl.constexpr,
-                   HAS_Y1: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+def _pow(s, DEG: tl.constexpr):
+    """``s ** DEG`` as products."""
+    out = s
+    for _ in tl.static_range(DEG - 1):
+        out = out * s
+    return out
+
+
+@triton.jit
+def _table_spread(index, tile, m, DK: tl.constexpr, F: tl.constexpr, TRANS: tl.constexpr):
+    """Degree 4: ``E_m [DK, F]`` (``[F, DK]`` with ``TRANS``), 0/1, of tile ``tile``: ``x @
+    E_m`` puts ``x[:, index[f, m]]`` at feature ``f``."""
+    idx = tl.load(index + (tile * F + tl.arange(0, F)) * 4 + m)
+    r = tl.arange(0, DK)
+    if TRANS:
+        spread = tl.where(idx[:, None] == r[None, :], 1.0, 0.0)
+    else:
+        spread = tl.where(r[:, None] == idx[None, :], 1.0, 0.0)
+    return spread
+
+
+@triton.jit
+def _table_factors(xx, index, tile, DK: tl.constexpr, F: tl.constexpr, PREC: tl.constexpr):
+    """Degree 4: the four factors ``[C, F]`` of tile ``tile`` of ``phi(x)``, ``xx [C, DK]``;
+    their product times the rows' coefficients is the tile."""
+    f0 = _dot(xx, _table_spread(index, tile, 0, DK, F, False), False, PREC)
+    f1 = _dot(xx, _table_spread(index, tile, 1, DK, F, False), False, PREC)
+    f2 = _dot(xx, _table_spread(index, tile, 2, DK, F, False), False, PREC)
+    f3 = _dot(xx, _table_spread(index, tile, 3, DK, F, False), False, PREC)
+    return f0, f1, f2, f3
+
+
+@triton.jit
+def _table_grad(gphi, f0, f1, f2, f3, index, tile, DK: tl.constexpr, F: tl.constexpr,
+                PREC: tl.constexpr):
+    """Degree 4: ``[C, DK]``, the gradient of ``x`` through tile ``tile`` given the gradient
+    ``gphi [C, F]`` of its features' products ``f0 f1 f2 f3`` (coefficients applied)."""
+    p01 = f0 * f1
+    p23 = f2 * f3
+    g = _dot(gphi * f1 * p23, _table_spread(index, tile, 0, DK, F, True), False, PREC)
+    g += _dot(gphi * f0 * p23, _table_spread(index, tile, 1, DK, F, True), False, PREC)
+    g += _dot(gphi * p01 * f3, _table_spread(index, tile, 2, DK, F, True), False, PREC)
+    g += _dot(gphi * p01 * f2, _table_spread(index, tile, 3, DK, F, True), False, PREC)
+    return g
+
+
+@triton.jit
+def _chunk_contrib(x, y, y1, g, t, mt, i_h, Hx, Hk, d, e, a, b, ea_t, eb_t, index, tile, coef,
+                   re, me, GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+                   KP: tl.constexpr, DK: tl.constexpr, BE: tl.constexpr, DEG: tl.constexpr,
+                   REVERSE: tl.constexpr, USE_GATE: tl.constexpr, HAS_Y1: tl.constexpr,
+                   BF16: tl.constexpr, PREC: tl.constexpr):
     """What chunk ``t`` adds to one tile of the carried state, and the decay across it.
     Forward (``x, y = k, v``): ``phi(K)^T (to_end * [V, 1])``. Reverse (``x, y, y1 = q, dy,
     dy_z``): the sum over the ``GROUPS`` query heads of ``phi(Q)^T (from_start * [dY, dy_z])``,
@@ -210,9 +266,15 @@ def _chunk_contrib(x, y, y1, g, t, mt, i_h, Hx, Hk, d, e, a, b, ea_t, eb_t, coef
     first = (tl.arange(0, C)[:, None] * 0 + tl.arange(0, 16)[None, :] == 0).to(tl.float32)
     for r in range(GROUPS):
         i_x = i_h * GROUPS + r
-        xa = _load_block_t(x, t, mt, i_x, Hx, d, a, KP, BD)                # [KP, C]
-        xb = _load_block_t(x, t, mt, i_x, Hx, d, b, KP, BD)
-        phi_t = _dot(ea_t, xa, BF16, PREC) * _dot(eb_t, xb, BF16, PREC) * w[None, :]  # [F, C]
+        if DEG == 2:
+            xa = _load_block_t(x, t, mt, i_x, Hx, d, a, KP, BD)            # [KP, C]
+            xb = _load_block_t(x, t, mt, i_x, Hx, d, b, KP, BD)
+            phi_t = _dot(ea_t, xa, BF16, PREC) * _dot(eb_t, xb, BF16, PREC) * w[None, :]
+        else:
+            xt = _load_block_t(x, t, mt, i_x, Hx, d, 0, DK, DK)            # [DK, C], all of x
+            phi_t = _dot(_table_spread(index, tile, 0, DK, F, True), xt, False, PREC) * w[None, :]
+            for m in tl.static_range(1, 4):
+                phi_t *= _dot(_table_spread(index, tile, m, DK, F, True), xt, False, PREC)
         yy = tl.load(y + (t[:, None] * Hx + i_x) * e + re[None, :],
                      mask=mt[:, None] & me[None, :], other=0.0)
         dS += _dot(phi_t, yy, BF16, PREC)                                    # [F, C] @ [C, BE]
@@ -226,10 +288,11 @@ def _chunk_contrib(x, y, y1, g, t, mt, i_h, Hx, Hk, d, e, a, b, ea_t, eb_t, coef
 
 @triton.jit
 def _scan_step(x, y, y1, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hx, Hk, d, e, tile,
-               a, b, ea_t, eb_t, coef, re, me, rf, GROUPS: tl.constexpr, C: tl.constexpr,
-               BD: tl.constexpr, KP: tl.constexpr, NT: tl.constexpr, BE: tl.constexpr,
-               REVERSE: tl.constexpr, USE_GATE: tl.constexpr, HAS_Y1: tl.constexpr,
-               STORE_STATES: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+               a, b, ea_t, eb_t, index, coef, re, me, rf, GROUPS: tl.constexpr, C: tl.constexpr,
+               BD: tl.constexpr, KP: tl.constexpr, DK: tl.constexpr, NT: tl.constexpr,
+               BE: tl.constexpr, DEG: tl.constexpr, REVERSE: tl.constexpr,
+               USE_GATE: tl.constexpr, HAS_Y1: tl.constexpr, STORE_STATES: tl.constexpr,
+               BF16: tl.constexpr, PREC: tl.constexpr):
     """One step of a sequential scan: store the carried tile into chunk ``n``'s slot (unless
     only the final state is wanted), then carry it across the chunk."""
     F: tl.constexpr = BD * BD
@@ -240,16 +303,17 @@ def _scan_step(x, y, y1, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hx,
         tl.store(zstates + slot * F + rf, z)
     t = bos + n * C + tl.arange(0, C)
     dS, dz, decay = _chunk_contrib(x, y, y1, g, t, t < eos, i_h, Hx, Hk, d, e, a, b, ea_t, eb_t,
-                                   coef, re, me, GROUPS, C, BD, KP, BE, REVERSE, USE_GATE,
-                                   HAS_Y1, BF16, PREC)
+                                   index, tile, coef, re, me, GROUPS, C, BD, KP, DK, BE, DEG,
+                                   REVERSE, USE_GATE, HAS_Y1, BF16, PREC)
     return S * decay + dS, z * decay + dz
 
 
 @triton.jit
 def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqlens,
-                chunk_offsets, coef_scale, Hx, Hk, h0, HS, d, e, D, SEQS,
+                chunk_offsets, index, coefs, coef_scale, Hx, Hk, h0, HS, d, e, D, SEQS,
                 GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
-                NB: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr,
+                NB: tl.constexpr, NT: tl.constexpr, BE: tl.constexpr, DEG: tl.constexpr,
+                REVERSE: tl.constexpr,
                 USE_GATE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_Y1: tl.constexpr,
                 STORE_STATES: tl.constexpr, STORE_FINAL: tl.constexpr, BF16: tl.constexpr,
                 PREC: tl.constexpr, LOOP_FOR: tl.constexpr):
@@ -265,19 +329,25 @@ def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqle
     others compute of it is discarded). ``SEQS`` is only a key of the autotuner (host.py)."""
     tile, pid_e, pid_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = pid_nh // HS, h0 + pid_nh % HS
-    a, b = _tile_ab(tile, NB)
     F: tl.constexpr = BD * BD
-    NT: tl.constexpr = NB * (NB + 1) // 2
+    DK: tl.constexpr = NB * BD
+    rf = tl.arange(0, F)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     chunk0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, C)
 
-    coef = _pair_coef(a, b, BD) * coef_scale
-    ea_t = tl.trans(_spread(KP, BD, False))
-    eb_t = tl.trans(_spread(KP, BD, True))
-    row, exists = _public_rows(a, b, d, BD)
-    rf = tl.arange(0, F)
+    if DEG == 2:
+        a, b = _tile_ab(tile, NB)
+        coef = _pair_coef(a, b, BD) * coef_scale
+        ea_t = tl.trans(_spread(KP, BD, False))
+        eb_t = tl.trans(_spread(KP, BD, True))
+        row, exists = _public_rows(a, b, d, BD)
+    else:            # tiles of the exact layout; their spreads are made from `index` per step
+        a, b, ea_t, eb_t = 0, 0, 0, 0
+        coef = tl.load(coefs + tile * F + rf) * coef_scale
+        row = (tile * F + rf).to(tl.int64)
+        exists = row < D
     re = pid_e * BE + tl.arange(0, BE)
     me = re < e
     pub = (i_n * Hk + i_h).to(tl.int64)
@@ -292,15 +362,17 @@ def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqle
         for i in range(n_chunks):
             n = n_chunks - 1 - i if REVERSE else i
             S, z = _scan_step(x, y, y1, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hx,
-                              Hk, d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf, GROUPS, C, BD,
-                              KP, NT, BE, REVERSE, USE_GATE, HAS_Y1, STORE_STATES, BF16, PREC)
+                              Hk, d, e, tile, a, b, ea_t, eb_t, index, coef, re, me, rf, GROUPS,
+                              C, BD, KP, DK, NT, BE, DEG, REVERSE, USE_GATE, HAS_Y1,
+                              STORE_STATES, BF16, PREC)
     else:                         # the interpreter cannot range() over a loaded bound
         i = n_chunks * 0
         while i < n_chunks:
             n = n_chunks - 1 - i if REVERSE else i
             S, z = _scan_step(x, y, y1, g, states, zstates, S, z, n, chunk0, bos, eos, i_h, Hx,
-                              Hk, d, e, tile, a, b, ea_t, eb_t, coef, re, me, rf, GROUPS, C, BD,
-                              KP, NT, BE, REVERSE, USE_GATE, HAS_Y1, STORE_STATES, BF16, PREC)
+                              Hk, d, e, tile, a, b, ea_t, eb_t, index, coef, re, me, rf, GROUPS,
+                              C, BD, KP, DK, NT, BE, DEG, REVERSE, USE_GATE, HAS_Y1,
+                              STORE_STATES, BF16, PREC)
             i += 1
     if STORE_FINAL:
         tl.store(S_out + pub * D * e + row[:, None] * e + re[None, :], S,
@@ -310,10 +382,11 @@ def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqle
 
 @triton.jit
 def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens,
-                      chunk_indices, scale, Hq, Hk, hq0, d, e,
+                      chunk_indices, index, coefs, scale, Hq, Hk, hq0, d, e,
                       C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
-                      EP: tl.constexpr, USE_GATE: tl.constexpr, LOW: tl.constexpr,
-                      BF16: tl.constexpr, PREC: tl.constexpr):
+                      NT: tl.constexpr, EP: tl.constexpr, DEG: tl.constexpr,
+                      USE_GATE: tl.constexpr, LOW: tl.constexpr, BF16: tl.constexpr,
+                      PREC: tl.constexpr):
     """Outputs of one (chunk, query head ``hq0 + ..``): attention inside the chunk plus the
     incoming state, numerator and denominator added before the division. Also writes the
     denominator and, with ``LOW``, what rounding the output to its dtype left out (``o_low``,
@@ -325,7 +398,6 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     F: tl.constexpr = BD * BD
-    NT: tl.constexpr = NB * (NB + 1) // 2
     DK: tl.constexpr = NB * BD
 
     t = bos + j * C + tl.arange(0, C)
@@ -339,10 +411,10 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens
                  mask=mt[:, None] & me[None, :], other=0.0)
     gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
 
-    # attention inside the chunk: w_ij = (s q_i.k_j)^2 exp(gc_i - gc_j), j <= i
+    # attention inside the chunk: w_ij = (s q_i.k_j)^DEG exp(gc_i - gc_j), j <= i
     s = _dot(qq, tl.trans(kk), BF16, PREC) * scale                    # [C, C]
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
-    w = tl.where(causal, s * s * tl.exp(gc[:, None] - gc[None, :]), 0.0)
+    w = tl.where(causal, _pow(s, DEG) * tl.exp(gc[:, None] - gc[None, :]), 0.0)
     num = _dot(w, vv, BF16, PREC)                                      # [C, EP]
     den = tl.sum(w, axis=1)
 
@@ -354,9 +426,13 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens
     ea = _spread(KP, BD, False)
     eb = _spread(KP, BD, True)
     for tile in range(NT):
-        a, b = _tile_ab(tile, NB)
-        qa, qb = _tile_factors(q, t, mt, i_hq, Hq, d, a, b, ea, eb, KP, BD, BF16, PREC)
-        phi = qa * qb * (_pair_coef(a, b, BD) * (scale * scale))[None, :]  # [C, F]
+        if DEG == 2:
+            a, b = _tile_ab(tile, NB)
+            qa, qb = _tile_factors(q, t, mt, i_hq, Hq, d, a, b, ea, eb, KP, BD, BF16, PREC)
+            phi = qa * qb * (_pair_coef(a, b, BD) * (scale * scale))[None, :]  # [C, F]
+        else:
+            f0, f1, f2, f3 = _table_factors(qq, index, tile, DK, F, PREC)
+            phi = f0 * f1 * f2 * f3 * (tl.load(coefs + tile * F + rf) * _pow(scale, DEG))[None, :]
         slot = (base + tile).to(tl.int64)
         St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
                      mask=me[None, :], other=0.0)
@@ -402,9 +478,10 @@ def prepare_bwd_kernel(o, o_low, do, den, dy, dyz, T, Hq, e,
 
 @triton.jit
 def dq_kernel(q, k, v, g, states, zstates, dy, dyz, dq, dg_q, cu_seqlens,
-              chunk_indices, scale, Hq, Hk, d, e,
+              chunk_indices, index, coefs, scale, Hq, Hk, d, e,
               C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
-              EP: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+              NT: tl.constexpr, EP: tl.constexpr, DEG: tl.constexpr, USE_GATE: tl.constexpr,
+              BF16: tl.constexpr, PREC: tl.constexpr):
     """Gradient of ``q`` for one (chunk, query head), and this head's part of the gate
     gradient that involves the chunk's queries (see ``_straddle_intra``)."""
     i_c, i_hq = tl.program_id(0), tl.program_id(1)
@@ -414,7 +491,6 @@ def dq_kernel(q, k, v, g, states, zstates, dy, dyz, dq, dg_q, cu_seqlens,
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     F: tl.constexpr = BD * BD
-    NT: tl.constexpr = NB * (NB + 1) // 2
     DK: tl.constexpr = NB * BD
 
     t = bos + j * C + tl.arange(0, C)
@@ -438,18 +514,30 @@ def dq_kernel(q, k, v, g, states, zstates, dy, dyz, dq, dg_q, cu_seqlens,
     # into its indices
     grad = tl.zeros([C, DK], tl.float32)
     base = (i_c * Hk + i_h).to(tl.int64) * NT * F
-    for b in range(DK):
-        row, unphi = _column_rows(b, NB, BD)
-        Fb = tl.load(states + (base + row)[:, None] * e + re[None, :], mask=me[None, :],
-                     other=0.0)
-        grad += (_dot(dyv, tl.trans(Fb), BF16, PREC) * unphi[None, :]
-                 * _column(q, t, mt, i_hq, Hq, d, b)[:, None])
-    Z = _normaliser_matrix(zstates, base, NB, BD)
-    grad += dy1[:, None] * tl.dot(qq.to(tl.float32), Z, input_precision=PREC)
-    grad = (2.0 * scale * scale * tl.exp(gc))[:, None] * grad
+    if DEG == 2:
+        for b in range(DK):
+            row, unphi = _column_rows(b, NB, BD)
+            Fb = tl.load(states + (base + row)[:, None] * e + re[None, :], mask=me[None, :],
+                         other=0.0)
+            grad += (_dot(dyv, tl.trans(Fb), BF16, PREC) * unphi[None, :]
+                     * _column(q, t, mt, i_hq, Hq, d, b)[:, None])
+        Z = _normaliser_matrix(zstates, base, NB, BD)
+        grad += dy1[:, None] * tl.dot(qq.to(tl.float32), Z, input_precision=PREC)
+        grad = (2.0 * scale * scale * tl.exp(gc))[:, None] * grad
+    else:          # the features' gradient, tile by tile, back through the four factors
+        rf = tl.arange(0, F)
+        for tile in range(NT):
+            rows = base + tile * F + rf
+            St = tl.load(states + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
+            gphi = (_dot(dyv, tl.trans(St), False, PREC)
+                    + dy1[:, None] * tl.load(zstates + rows)[None, :])
+            f0, f1, f2, f3 = _table_factors(qq, index, tile, DK, F, PREC)
+            grad += _table_grad(gphi * tl.load(coefs + tile * F + rf)[None, :], f0, f1, f2, f3,
+                                index, tile, DK, F, PREC)
+        grad = (_pow(scale, DEG) * tl.exp(gc))[:, None] * grad
     # pairs (earlier chunk or initial state, query i >= t of this chunk): by homogeneity of
-    # degree 2, q_i . dq_i (state part) is twice their sum for query i
-    from_state = tl.sum(qq.to(tl.float32) * grad, axis=1) * 0.5
+    # degree DEG, q_i . dq_i (state part) is DEG times their sum for query i
+    from_state = tl.sum(qq.to(tl.float32) * grad, axis=1) * (1.0 / DEG)
     gate_part = tl.sum(from_state, axis=0) - tl.cumsum(from_state, axis=0) + from_state
 
     # inside the chunk: dw_ij = dy_i . [v_j, 1]; w_ij = s_ij^2 decay_ij
@@ -457,9 +545,9 @@ def dq_kernel(q, k, v, g, states, zstates, dy, dyz, dq, dg_q, cu_seqlens,
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
     decay = tl.where(causal, tl.exp(gc[:, None] - gc[None, :]), 0.0)
     dw = _dot(dyv, tl.trans(vv), BF16, PREC) + dy1[:, None]
-    ds = dw * decay * 2.0 * s                                          # [C, C]
+    ds = dw * decay * DEG * _pow(s, DEG - 1)                           # [C, C]
     grad += _dot(ds, kk, BF16, PREC) * scale                           # [C, DK]
-    gate_part += _straddle_intra(dw * s * s * decay, C)
+    gate_part += _straddle_intra(dw * _pow(s, DEG - 1) * s * decay, C)
     tl.store(dq + (t[:, None] * Hq + i_hq) * d + rd[None, :], grad.to(dq.dtype.element_ty),
              mask=mt[:, None])
     tl.store(dg_q + t * Hq + i_hq, gate_part, mask=mt)
@@ -467,10 +555,10 @@ def dq_kernel(q, k, v, g, states, zstates, dy, dyz, dq, dg_q, cu_seqlens,
 
 @triton.jit
 def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, dg_k,
-               cu_seqlens, chunk_indices, scale, Hq, Hk, d, e, GROUPS: tl.constexpr,
-               C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
-               EP: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
-               PREC: tl.constexpr):
+               cu_seqlens, chunk_indices, index, coefs, scale, Hq, Hk, d, e,
+               GROUPS: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
+               NB: tl.constexpr, NT: tl.constexpr, EP: tl.constexpr, DEG: tl.constexpr,
+               USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
     """Gradients of ``k`` and ``v`` for one (chunk, KV head), summed over its query heads, and
     the part of the gate gradient that involves the chunk's keys or no token of the chunk."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -479,7 +567,6 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, 
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     F: tl.constexpr = BD * BD
-    NT: tl.constexpr = NB * (NB + 1) // 2
     DK: tl.constexpr = NB * BD
 
     t = bos + j * C + tl.arange(0, C)
@@ -499,34 +586,50 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, 
     across = tl.zeros([F], tl.float32)                 # <state in, its gradient at the end>
     base = (i_c * Hk + i_h).to(tl.int64) * NT * F
     rf = tl.arange(0, F)
-    ea = _spread(KP, BD, False)
-    eb = _spread(KP, BD, True)
-    for tile in range(NT):
-        a, b = _tile_ab(tile, NB)
-        xa, xb = _tile_factors(k, t, mt, i_h, Hk, d, a, b, ea, eb, KP, BD, BF16, PREC)
-        rows = base + tile * F + rf
-        dSt = tl.load(dstates + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
-        St = tl.load(states + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
-        across += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), axis=1)
-        across += tl.load(zstates + rows) * tl.load(dzstates + rows)
-        grad_v += _dot(xa * xb * _pair_coef(a, b, BD)[None, :], dSt, BF16, PREC)
-    grad_v = to_end[:, None] * grad_v
-    # and dk_j = 2 to_end_j sum_b k_jb (dF_b v_j + dZ_b), F the symmetric d x d x e state as
-    # in dq_kernel: one product [C, e] @ [e, d] per column b
-    # (the normaliser's part dZ_b in one product k @ dZ after the loop)
-    grad_k = tl.zeros([C, DK], tl.float32)
-    for b in range(DK):
-        row, unphi = _column_rows(b, NB, BD)
-        dFb = tl.load(dstates + (base + row)[:, None] * e + re[None, :], mask=me[None, :],
-                      other=0.0)
-        grad_k += (_dot(vv, tl.trans(dFb), BF16, PREC) * unphi[None, :]
-                   * _column(k, t, mt, i_h, Hk, d, b)[:, None])
-    dZ = _normaliser_matrix(dzstates, base, NB, BD)
-    grad_k += tl.dot(kk.to(tl.float32), dZ, input_precision=PREC)
-    grad_k = (2.0 * to_end)[:, None] * grad_k
+    if DEG == 2:
+        ea = _spread(KP, BD, False)
+        eb = _spread(KP, BD, True)
+        for tile in range(NT):
+            a, b = _tile_ab(tile, NB)
+            xa, xb = _tile_factors(k, t, mt, i_h, Hk, d, a, b, ea, eb, KP, BD, BF16, PREC)
+            rows = base + tile * F + rf
+            dSt = tl.load(dstates + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
+            St = tl.load(states + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
+            across += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), axis=1)
+            across += tl.load(zstates + rows) * tl.load(dzstates + rows)
+            grad_v += _dot(xa * xb * _pair_coef(a, b, BD)[None, :], dSt, BF16, PREC)
+        grad_v = to_end[:, None] * grad_v
+        # and dk_j = 2 to_end_j sum_b k_jb (dF_b v_j + dZ_b), F the symmetric d x d x e state as
+        # in dq_kernel: one product [C, e] @ [e, d] per column b
+        # (the normaliser's part dZ_b in one product k @ dZ after the loop)
+        grad_k = tl.zeros([C, DK], tl.float32)
+        for b in range(DK):
+            row, unphi = _column_rows(b, NB, BD)
+            dFb = tl.load(dstates + (base + row)[:, None] * e + re[None, :], mask=me[None, :],
+                          other=0.0)
+            grad_k += (_dot(vv, tl.trans(dFb), BF16, PREC) * unphi[None, :]
+                       * _column(k, t, mt, i_h, Hk, d, b)[:, None])
+        dZ = _normaliser_matrix(dzstates, base, NB, BD)
+        grad_k += tl.dot(kk.to(tl.float32), dZ, input_precision=PREC)
+        grad_k = (2.0 * to_end)[:, None] * grad_k
+    else:          # one loop: the tile's factors serve dv and, through dphi, dk
+        grad_k = tl.zeros([C, DK], tl.float32)
+        for tile in range(NT):
+            rows = base + tile * F + rf
+            dSt = tl.load(dstates + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
+            St = tl.load(states + rows[:, None] * e + re[None, :], mask=me[None, :], other=0.0)
+            dzt = tl.load(dzstates + rows)
+            across += tl.sum(St * dSt, axis=1) + tl.load(zstates + rows) * dzt
+            f0, f1, f2, f3 = _table_factors(kk, index, tile, DK, F, PREC)
+            cf = tl.load(coefs + tile * F + rf)[None, :]
+            grad_v += _dot(f0 * f1 * f2 * f3 * cf, dSt, False, PREC)
+            dphi = (_dot(vv, tl.trans(dSt), False, PREC) + dzt[None, :]) * cf
+            grad_k += _table_grad(dphi, f0, f1, f2, f3, index, tile, DK, F, PREC)
+        grad_v = to_end[:, None] * grad_v
+        grad_k = to_end[:, None] * grad_k
     # pairs (key j < t of this chunk, later chunk or final state): k_j . dk_j (state part) is
-    # twice their sum for key j; pairs (before the chunk, after it) pass the whole chunk
-    to_state = tl.sum(kk.to(tl.float32) * grad_k, axis=1) * 0.5
+    # DEG times their sum for key j; pairs (before the chunk, after it) pass the whole chunk
+    to_state = tl.sum(kk.to(tl.float32) * grad_k, axis=1) * (1.0 / DEG)
     gate_part = tl.cumsum(to_state, axis=0) - to_state + tl.exp(g_last) * tl.sum(across, axis=0)
 
     # inside the chunk, summed over the query heads of this KV head
@@ -540,10 +643,10 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, 
                       mask=mt[:, None] & me[None, :], other=0.0)
         dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
         s = _dot(qq, tl.trans(kk), BF16, PREC) * scale                 # [C(i), C(j)]
-        w = s * s * decay
+        w = _pow(s, DEG) * decay
         grad_v += _dot(tl.trans(w), dyv, BF16, PREC)
         dw = _dot(dyv, tl.trans(vv), BF16, PREC) + dy1[:, None]
-        ds = dw * decay * 2.0 * s
+        ds = dw * decay * DEG * _pow(s, DEG - 1)
         grad_k += _dot(tl.trans(ds), qq, BF16, PREC) * scale
     tl.store(dk + (t[:, None] * Hk + i_h) * d + rd[None, :], grad_k.to(dk.dtype.element_ty),
              mask=mt[:, None])
@@ -565,20 +668,20 @@ def _pair_of_row(r, d):
 
 
 @triton.jit
-def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, scale, held, Hk, d, e, D, cap,
-                  G: tl.constexpr, GP: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr,
+def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, index, coefs, scale, held, Hk, d, e, D,
+                  cap, G: tl.constexpr, GP: tl.constexpr, LP: tl.constexpr, DK: tl.constexpr,
                   R: tl.constexpr, NBLK: tl.constexpr, EP: tl.constexpr, SPLIT: tl.constexpr,
-                  STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                  DEG: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
     """One new token per sequence for the ``G`` query heads of one KV head, as the rows of
     matrix products: program ``(b * Hk + h, split)`` streams the blocks of ``R`` contiguous
     state rows ``split, split + SPLIT, ..`` (``NBLK`` of them; each read once for all ``G``
     heads, the next ones loading while this one multiplies), forming ``phi(q)`` for those rows
-    from the pairs they hold. With ``SPLIT == 1`` it writes ``o [B, Hq, e]`` (out's dtype),
-    else partial numerators and denominators ``out [B, Hq, SPLIT, EP + 1]`` for
-    ``decode_finish_kernel``. Split 0 also attends to the ``held`` buffered tokens (``bk [B,
-    cap, Hk, d]``, ``bv``, ``bg``) and the new one (``k [B, Hk, d]``, ``v``, ``g [B, Hk]``),
-    and writes the new token into slot ``held``. ``S`` is float32, or bfloat16 (a copy of the
-    state rounded as the chunked forward's output kernel reads it: half the bytes, and the
+    from the pairs they hold (degree 4: from ``index`` and ``coefs``). With ``SPLIT == 1`` it
+    writes ``o [B, Hq, e]`` (out's dtype), else partial numerators and denominators ``out [B, Hq,
+    SPLIT, EP + 1]`` for ``decode_finish_kernel``. Split 0 also attends to the ``held`` buffered
+    tokens (``bk [B, cap, Hk, d]``, ``bv``, ``bg``) and the new one (``k [B, Hk, d]``, ``v``, ``g
+    [B, Hk]``), and writes the new token into slot ``held``. ``S`` is float32, or bfloat16 (a copy
+    of the state rounded as the chunked forward's output kernel reads it: half the bytes, and the
     product then runs in bfloat16); ``z`` is float32."""
     i_bh, split = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // Hk).to(tl.int64), i_bh % Hk
@@ -614,25 +717,33 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, scale, held, Hk, d, e, D, c
     decay = tl.where(old, tl.exp(g_total - tl.cumsum(g_old, axis=0)), tl.where(is_new, 1.0, 0.0))
     qq = tl.load(qrows[:, None] + rd[None, :], mask=mj[:, None], other=0.0).to(tl.float32)
     s = tl.dot(qq * scale, tl.trans(kk.to(tl.float32)), input_precision=PRECISION)  # [GP, LP]
-    w = s * s * decay[None, :]
+    w = _pow(s, DEG) * decay[None, :]
     num = tl.dot(w, vv.to(tl.float32), input_precision=PRECISION)        # [GP, EP]
     den = tl.sum(w, axis=1)                                              # [GP]
 
     # the state: phi(q) [GP, R] of R rows against S [R, e] and z [R]
-    from_start = (scale * scale) * tl.exp(g_total)
+    from_start = _pow(scale, DEG) * tl.exp(g_total)
     S_pub = S + pub * D * e
     den_rows = tl.zeros([GP, R], tl.float32)    # phi * z, summed over rows after the loop
     for n in tl.range(0, NBLK, num_stages=STAGES):
         r = (split + n * SPLIT) * R + tl.arange(0, R)
         mr = r < D
-        i, j = _pair_of_row(tl.minimum(r, D - 1), d)
         St = tl.load(S_pub + r[:, None] * e + re[None, :], mask=mr[:, None] & me[None, :],
                      other=0.0)
         zt = tl.load(z + pub * D + r, mask=mr, other=0.0)
         mq = mj[:, None] & mr[None, :]
-        qi = tl.load(qrows[:, None] + i[None, :], mask=mq, other=0.0).to(tl.float32)
-        qj = tl.load(qrows[:, None] + j[None, :], mask=mq, other=0.0).to(tl.float32)
-        phi = qi * qj * (tl.where(i < j, SQRT2, 1.0) * from_start)[None, :]
+        if DEG == 2:
+            i, j = _pair_of_row(tl.minimum(r, D - 1), d)
+            qi = tl.load(qrows[:, None] + i[None, :], mask=mq, other=0.0).to(tl.float32)
+            qj = tl.load(qrows[:, None] + j[None, :], mask=mq, other=0.0).to(tl.float32)
+            phi = qi * qj * (tl.where(i < j, SQRT2, 1.0) * from_start)[None, :]
+        else:          # the rows' indices and coefficients from the tables
+            phi = tl.load(qrows[:, None] + tl.load(index + r * 4, mask=mr, other=0)[None, :],
+                          mask=mq, other=0.0).to(tl.float32)
+            for m in tl.static_range(1, 4):
+                at = tl.load(index + r * 4 + m, mask=mr, other=0)
+                phi *= tl.load(qrows[:, None] + at[None, :], mask=mq, other=0.0).to(tl.float32)
+            phi *= (tl.load(coefs + r, mask=mr, other=0.0) * from_start)[None, :]
         if INTERPRET and St.dtype == tl.bfloat16:    # its bf16 products are wrong (``_dot``)
             num += tl.dot(_round_bf16(phi), St.to(tl.float32), input_precision="ieee")
         else:
