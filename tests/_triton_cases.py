@@ -330,8 +330,9 @@ def case_decode_into_bf16_copy():
 
 def case_deg4_decode_into_fold():
     """Degree 4 decoding into slots (the decode kernel's rows from the index table, split over
-    programs) and folding the full buffer in place (the scan), GQA, float16."""
-    return _decode_into(2, 11, 4, 2, 16, 8, torch.float16, capacity=4, seed=13, deg=4)
+    programs) and folding the full buffer in place (the scan), GQA, bfloat16 (the dtype the
+    public op sends to the kernels at degree 4)."""
+    return _decode_into(2, 11, 4, 2, 16, 8, torch.bfloat16, capacity=4, seed=13, deg=4)
 
 
 def case_decode_into_wide_values():

@@ -112,7 +112,7 @@ def test_bfloat16_decoding_reads_a_rounded_copy_of_the_state():
     """A bfloat16 model's decode steps read ``S`` rounded to bfloat16 (half the bytes per step
     on a GPU) while folds go into the float32 state: after every step, folds included, the copy
     is that state rounded, the cache counts its bytes, and the logits stay within bfloat16
-    rounding of the float64 model's. Float64 models keep no copy."""
+    rounding of the float64 model's. Float64 models keep no copy, nor do degree-4 ones."""
     kinds = ["power", "linear", "power", "power"]
     model = tiny_model(time_mixing=kinds, dtype=torch.bfloat16)
     exact = copy.deepcopy(model).double()               # the same weights
@@ -138,6 +138,13 @@ def test_bfloat16_decoding_reads_a_rounded_copy_of_the_state():
     state = 2 * model.state_bytes()
     buffers = 3 * 2 * 4 * Hk * (2 * d * 2 + 4)          # 4 slots of k, v (bf16), log gate (fp32)
     assert cache.nbytes() == state + copies + buffers
+    # degree 4 reads the float32 state: its query sums features that cancel, which the copy's
+    # rounding would reach
+    quartic = tiny_model(dtype=torch.bfloat16, deg=4)
+    with torch.no_grad():
+        cache = quartic(ids[:, :5]).past_key_values
+        quartic(ids[:, 5:6], past_key_values=cache)
+    assert all(layer.read_S is None for layer in cache.layers)
     stepwise = torch.cat(steps, 1).double()
     assert float((stepwise - full).norm() / full.norm()) < 2e-2
 

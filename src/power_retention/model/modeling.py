@@ -224,8 +224,11 @@ class PowerRetentionAttention(nn.Module):
                                                     dtype=gate_dtype), 0)
             state = layer.state
             slots = layer.slots(k, v)                  # the token is written into its slot
-            o = power_retention_decode_into(q, k, v, log_gate, layer.read_state(), slots,
-                                            layer.buffer_len, deg=self.deg)
+            # the bf16 copy of the state (half the bytes) only at degree 2: a degree-4 query
+            # sums 52,360 features that cancel, and its rounding would reach the outputs
+            read = layer.read_state() if self.deg == 2 else state
+            o = power_retention_decode_into(q, k, v, log_gate, read, slots, layer.buffer_len,
+                                            deg=self.deg)
             layer.appended(state)
             if layer.buffer_len == layer.buffer_capacity:    # full: fold it into the state
                 out = state if layer.in_place else None
