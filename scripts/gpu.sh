@@ -4,7 +4,7 @@
 # from the repository root on the GPU machine:
 #     OUT=/some/dir bash scripts/gpu.sh [pytest -k expression]
 # TEST_TIMEOUT (220 s per group of tests: the quick group takes ~190 s on a fresh machine, most
-# of it compiling; the 1M-token group ~55 s), BENCH_TIMEOUT (250 s) and SERVING_TIMEOUT (200 s;
+# of it compiling; the 1M-token group ~55 s; degree 4 ~160 s), BENCH_TIMEOUT (250 s) and SERVING_TIMEOUT (200 s;
 # 0 skips either benchmark) bound each part (one call allows 600 s); BENCH_ARGS and SERVING_ARGS
 # pass options to the two benchmarks (e.g. BENCH_ARGS="--seq-lens=65536 --long= --odd=",
 # SERVING_ARGS=--profile). Figures of the results, anywhere matplotlib is installed:
@@ -16,8 +16,10 @@ OUT=${OUT:-/tmp/power_retention_gpu}
 mkdir -p "$OUT"
 { date -u; nvidia-smi; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__)'; } \
     > "$OUT/environment.txt" 2>&1
-# the quick tests first, the two 1M-token tests last: a limit cuts the slow ones, not the rest
-if [ -n "${1:-}" ]; then selections=("$1"); else selections=("not one_million" "one_million"); fi
+# the quick tests first, then the two 1M-token tests, degree 4 last: a limit cuts the slow
+# ones, not the rest
+if [ -n "${1:-}" ]; then selections=("$1")
+else selections=("not one_million and not deg4" "one_million" "deg4"); fi
 for selection in "${selections[@]}"; do
     timeout ${TEST_TIMEOUT:-220} python3 -m pytest -v -s -m gpu tests/test_graphs.py \
         tests/test_triton.py -k "$selection" 2>&1 \
