@@ -70,7 +70,7 @@ def check_slice(o, q, k, v, g) -> float:
     """Relative error of the first sequence's first (up to) 2,048 outputs vs float64."""
     n = min(q.shape[1], 2048 if DEG == 2 else 512)      # degree 4: float64 features of n tokens
     ref, _ = attention_reference(*(x[:1, :n].detach().double() for x in (q, k, v, g)), deg=DEG)
-    return float((o[:1, :n].double() - ref).norm() / ref.norm())
+    return float((o[:1, :n].detach().double() - ref).norm() / ref.norm())
 
 
 def time_retention(batch: int, t: int, mode: str) -> dict:

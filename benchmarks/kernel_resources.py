@@ -123,6 +123,7 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks, deg: int):
     """``(kernel, constexprs)`` for every kernel as host.py launches it."""
     feat = host._features(d, deg, torch.device("cpu"))
     flags = {**host._flags(dtype, d, e, deg), "USE_GATE": True}
+    bwd = {**host._flags(dtype, d, e, deg, backward=True), "USE_GATE": True}
     tiling = {"BD": host.BD, "KP": host.KP, "NB": d // host.BD, "NT": feat.NT}
     if deg == 2:                                   # no tables: None arguments are constexprs
         tiling.update(index=None, coefs=None)
@@ -143,11 +144,12 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks, deg: int):
         for way in directions:
             for BE in blocks:
                 yield kernels.scan_kernel, dict(C=C, BE=BE, GROUPS=1, LOOP_FOR=True, **way,
-                                                **tiling, **flags)
+                                                **tiling, **(bwd if way["REVERSE"] else flags))
         yield kernels.output_fwd_kernel, dict(C=C, EP=EP, LOW=low, **tiling, **flags)
-        yield kernels.dq_kernel, dict(C=C, EP=EP, **tiling, **flags)
-        yield kernels.dkv_kernel, dict(C=C, EP=EP, GROUPS=1, **tiling, **flags)
-    yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP, LOW=low)
+        yield kernels.dq_kernel, dict(C=C, EP=EP, **tiling, **bwd)
+        yield kernels.dkv_kernel, dict(C=C, EP=EP, GROUPS=1, **tiling, **bwd)
+    yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP, LOW=low, BF16=bwd["BF16"],
+                                           PREC=bwd["PREC"])
     precision = "ieee" if dtype == torch.float32 else "tf32"
     tables = {} if deg != 2 else dict(index=None, coefs=None)
     for R in (64, 32) if e <= 64 else (32,):                # as host.decode_into picks
@@ -156,7 +158,8 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks, deg: int):
             yield kernels.decode_kernel, dict(G=4, GP=4, LP=64, DK=d, R=R,
                                               NBLK=triton.cdiv(blocks, split), EP=EP,
                                               SPLIT=split, DEG=deg, STAGES=3,
-                                              PRECISION=precision, **tables)
+                                              PRECISION=host._precision(dtype, deg),
+                                              **tables)
     yield kernels.decode_finish_kernel, dict(NT=blocks, NTP=triton.next_power_of_2(blocks),
                                              EP=EP)
     yield fused._rms_norm_kernel, dict(HAS_RES=True, BH=2048)

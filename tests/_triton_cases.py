@@ -101,8 +101,10 @@ def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None,
     present = [x for x in grads if x is not None]
     for name, got, ref in zip(names, present, ref_leaves):
         errors[name] = rel_err(got, ref.grad)
-    if o_low.shape[-1]:        # o + o_low: the output as computed, in fp32 (0: it is)
-        errors["o_low_short"] = float(rel_err(o.double() + o_low.double(), ro) > 1e-5)
+    if o_low.shape[-1]:        # what rounding the fp32 output to o's dtype left out (0: it is)
+        half_ulp = o.float().abs() * torch.finfo(o.dtype).eps / 2
+        residual = bool((o_low.float().abs() <= half_ulp).all() and o_low.abs().max() > 0)
+        errors["o_low_not_residual"] = float(not residual)
     for name, x in [("o", o), ("S", S), ("z", z)] + list(zip(names, present)):
         if not bool(torch.isfinite(x).all()):
             errors[name] = float("nan")
@@ -330,8 +332,8 @@ def case_decode_into_bf16_copy():
 
 def case_deg4_decode_into_fold():
     """Degree 4 decoding into slots (the decode kernel's rows from the index table, split over
-    programs) and folding the full buffer in place (the scan), GQA, bfloat16 (the dtype the
-    public op sends to the kernels at degree 4)."""
+    programs) and folding the full buffer in place (the scan), GQA, bfloat16 (decoding from
+    the float32 state in three tf32 passes)."""
     return _decode_into(2, 11, 4, 2, 16, 8, torch.bfloat16, capacity=4, seed=13, deg=4)
 
 

@@ -133,10 +133,10 @@ def test_dispatch_rule_and_env_var_forcing_the_pytorch_path(monkeypatch):
     monkeypatch.setenv("POWER_RETENTION_IMPL", "torch")
     assert not host.supported(x, x, 2)
     monkeypatch.delenv("POWER_RETENTION_IMPL")
-    half = x.bfloat16()                                      # degree 4: bf16 up to d = 32
-    assert host.supported(half[..., :32], half, 4) and host.supported(half[..., :16], half, 4)
-    assert not host.supported(half, half, 4) and not host.supported(x[..., :32], x, 4)
-    assert not host.supported(half[..., :32], half, 6)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):   # degree 4: up to d = 32
+        y = x.to(dtype)
+        assert host.supported(y[..., :32], y, 4) and host.supported(y[..., :16], y, 4)
+        assert not host.supported(y, y, 4) and not host.supported(y[..., :32], y, 6)
     assert not host.supported(x.double(), x.double(), 2)
     odd = torch.zeros(1, 1, 1, 48)                           # kernels take power-of-two heads
     assert not host.supported(odd, odd, 2)
@@ -306,29 +306,35 @@ def _check_host_against_reference(dtype, d, deg=2, T=1500):
     for name, x, r in zip(["dq", "dk", "dv", "dlog_gate", "dS0", "dz0"], grads, ref):
         errors[name] = rel_err(x, r.grad)
     print(f"\n{dtype} p={deg} d={d}: {errors}")         # streamed with -s, even if cut short
-    if deg == 4:    # beside it, what float32 delivers on these inputs (dz0 varies 15x by draw)
+    bound = dict.fromkeys(errors, GPU_TOLERANCE[dtype])
+    if deg == 4:
+        # what float32 arithmetic delivers on these inputs: degree 4's state products cancel
+        # by factors of hundreds and more, so on some draws no fp32 computation meets fp32's
+        # tolerance (dz0 3.1e-4 from the PyTorch path on the H100, run 47). The kernels must
+        # then stay within twice its error
         leaves = [x.detach().float().requires_grad_() for x in (q, k, v, g, S0, z0)]
         po, pfinal, _ = chunk_forward(*leaves[:4], RetentionState(*leaves[4:]), deg=deg,
                                       scale=d ** -0.5, chunk_size=64)
         torch.autograd.backward([po, pfinal.S, pfinal.z], [do.float(), dS, dz])
-        names = ["o", "dq", "dk", "dv", "dlog_gate", "dS0", "dz0"]
-        print("the PyTorch path in float32:", {name: rel_err(x, r) for name, x, r in zip(
-            names, [po] + [x.grad for x in leaves], [ro] + [r.grad for r in ref])})
-    assert _within(errors, dtype), f"{dtype} p={deg} d={d}: {errors}"
+        names = ["o", "S", "z", "dq", "dk", "dv", "dlog_gate", "dS0", "dz0"]
+        fp32 = {name: rel_err(x, r) for name, x, r in zip(
+            names, [po, pfinal.S, pfinal.z] + [x.grad for x in leaves],
+            [ro, rfinal.S, rfinal.z] + [r.grad for r in ref])}
+        print("the PyTorch path in float32:", fp32)
+        bound = {name: max(tol, 2 * fp32[name]) for name, tol in bound.items()}
+    assert all(errors[name] <= bound[name] for name in errors), \
+        f"{dtype} p={deg} d={d}: {errors}, bounds {bound}"
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [
-    torch.bfloat16,
-    pytest.param(torch.float16, marks=pytest.mark.xfail(reason="dz0 3.2e-2 on the H100 (run 46)")),
-    pytest.param(torch.float32, marks=pytest.mark.xfail(reason="dz0 1.5e-4 on the H100 (run 46)"))],
-    ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
 def test_gpu_deg4_forward_backward_match_reference(dtype):
     """Degree 4 at d = 32 (52,360 features), as the degree-2 test (700 tokens: the float64
-    reference holds every token's features). bf16 passed on the H100; fp16 and fp32, which
-    ``host.supported`` therefore sends to the PyTorch path, missed dz0 (every other error within
-    3.3e-3 and 1.8e-5): the cause is not found yet."""
+    reference holds every token's features). With one tf32 pass per product fp16 missed dz0
+    (3.2e-2, runs 46-47, where fp32 arithmetic gave 5.4e-5 on the same inputs): 16-bit inputs
+    now take three in the forward (``host._precision``)."""
     _check_host_against_reference(dtype, 32, deg=4, T=700)
 
 

@@ -164,11 +164,10 @@ def power_retention(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor | None = N
     Returns:
         ``o [B, T, Hq, e]`` in the dtype of ``q``; with ``output_final_state``, ``(o, state)``.
 
-    Implementation: CUDA tensors with ``deg == 2``, ``d`` of 16, 32, 64 or 128 and
-    float16/bfloat16/float32 inputs, or ``deg == 4``, ``d`` of 16 or 32 and bfloat16 inputs,
-    and ``e <= 128``, run the Triton kernels of ``ops/triton``; everything else (and any input
-    when the environment variable ``POWER_RETENTION_IMPL=torch`` is set) runs the chunked
-    PyTorch path.
+    Implementation: CUDA tensors of float16/bfloat16/float32 with ``deg == 2`` and ``d`` of 16,
+    32, 64 or 128, or ``deg == 4`` and ``d`` of 16 or 32, and ``e <= 128``, run the Triton
+    kernels of ``ops/triton``; everything else (and any input when the environment variable
+    ``POWER_RETENTION_IMPL=torch`` is set) runs the chunked PyTorch path.
     """
     deg, scale = check_inputs(q, k, v, log_gate, deg, scale, chunk_size, initial_state,
                               cu_seqlens)

@@ -40,13 +40,11 @@ def supported(q: torch.Tensor, v: torch.Tensor, deg: int) -> bool:
         return False
     d, e = q.shape[-1], v.shape[-1]
     # d = 128 passed its GPU test in every dtype (H100, docs/benchmarks.md run 45): fp16 and
-    # bf16 there take tf32 products and fp32 chunk states (``_bf16_products``). Degree 4 (d <=
-    # 32: 52,360 features at d = 32, 766,480 at d = 64) passed its GPU test in bf16 only; fp16
-    # and fp32 missed the initial normaliser's gradient there (dz0 3.2e-2 and 1.5e-4, run 46)
-    if deg == 4:
-        return q.dtype == torch.bfloat16 and d in (16, 32) and 1 <= e <= 128
-    return (deg == 2 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and d in (16, 32, 64, 128) and 1 <= e <= 128)
+    # bf16 there take tf32 products and fp32 chunk states (``_bf16_products``). Degree 4 runs
+    # at d <= 32 (52,360 features at d = 32, 766,480 at d = 64)
+    head_sizes = {2: (16, 32, 64, 128), 4: (16, 32)}.get(deg, ())
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and d in head_sizes \
+        and 1 <= e <= 128
 
 
 def low_width(dtype: torch.dtype, e: int) -> int:
@@ -140,11 +138,22 @@ def _bf16_products(dtype: torch.dtype, d: int, e: int, deg: int = 2) -> bool:
     return dtype == torch.bfloat16 and d <= 64 and deg == 2
 
 
-def _flags(dtype: torch.dtype, d: int, e: int, deg: int) -> dict:
-    # fp32 inputs get exact fp32 products; fp16 ones (and wide bf16 ones) tf32, whose
-    # operands are as precise as fp16's
-    prec = "ieee" if (dtype == torch.float32 or INTERPRET) else "tf32"
-    return {"BF16": _bf16_products(dtype, d, e, deg), "PREC": prec, "DEG": deg}
+def _precision(dtype: torch.dtype, deg: int, backward: bool = False) -> str:
+    """``input_precision`` of the kernels' fp32 products: exact fp32 for fp32 inputs; tf32,
+    whose operands are as precise as fp16's, for 16-bit ones at degree 2 and in degree 4's
+    backward; three tf32 passes (near fp32) in degree 4's forward and decoding, whose state
+    products cancel far more than one tf32 rounding allows (``kernels`` module docstring):
+    with one pass fp16's dz0 missed by 3x, through the outputs and denominators it reads (H100,
+    runs 46-47). Three in the backward as well cost 5x its time (``dq_kernel`` and
+    ``dkv_kernel`` spill 6 KB; H200, run 47) for gradients that one pass keeps within 3.3e-3."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "tf32x3" if deg == 4 and not backward else "tf32"
+
+
+def _flags(dtype: torch.dtype, d: int, e: int, deg: int, backward: bool = False) -> dict:
+    return {"BF16": _bf16_products(dtype, d, e, deg), "PREC": _precision(dtype, deg, backward),
+            "DEG": deg}
 
 
 def _state_dtype(dtype: torch.dtype, d: int, e: int, deg: int) -> torch.dtype:
@@ -213,7 +222,8 @@ def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, deg: int, reverse: b
         return states, zstates, S_out, z_out
     meta = dict(GROUPS=groups, C=C, BD=BD, KP=KP, NB=d // BD, NT=NT, REVERSE=reverse,
                 USE_GATE=g is not None, HAS_INIT=S_in is not None, HAS_Y1=y1 is not None,
-                STORE_STATES=store_states, STORE_FINAL=store_final, **_flags(x.dtype, d, e, deg))
+                STORE_STATES=store_states, STORE_FINAL=store_final,
+                **_flags(x.dtype, d, e, deg, backward=reverse))
     # one program per (tile, block of value columns, sequence x KV head); the tuning bucket
     # SEQS (sequences x KV heads, a power of two <= 256) separates batch-1 scans from batches
     BE = min(64, _pow2(e))
@@ -366,7 +376,8 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
     lay = _Layout(B, T, cu_seqlens, C, q.device)
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(do)
     gf = None if log_gate is None else _flat(log_gate)
-    flags = dict(USE_GATE=gf is not None, KP=KP, NT=feat.NT, **_flags(q.dtype, d, e, deg))
+    flags = dict(USE_GATE=gf is not None, KP=KP, NT=feat.NT,
+                 **_flags(q.dtype, d, e, deg, backward=True))
     Ttot = B * T
 
     # Two streams. The side one recomputes the chunk states and then runs dq_kernel, which
@@ -387,7 +398,8 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
     if Ttot:
         BT = 64
         kernels.prepare_bwd_kernel[(triton.cdiv(Ttot, BT), Hq)](
-            o, o_low, dof, den, dy, dyz, Ttot, Hq, e, BT=BT, EP=EP, LOW=o_low.shape[-1] > 0)
+            o, o_low, dof, den, dy, dyz, Ttot, Hq, e, BT=BT, EP=EP, LOW=o_low.shape[-1] > 0,
+            BF16=flags["BF16"], PREC=flags["PREC"])
     dq = _empty(*qf.shape, dtype=q.dtype, device=q.device)
     dg_q = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
     if side is not None:
@@ -644,7 +656,7 @@ def decode_into(q, k, v, log_gate, S, z, buffer_k, buffer_v, buffer_log_gate, he
         buffer_v, buffer_log_gate, S.contiguous(), z.contiguous(), out, feat.index, feat.coefs,
         scale, held, Hk, d, e, D, cap, G=Hq // Hk, GP=_pow2(Hq // Hk), LP=_pow2(cap), DK=d, R=R,
         NBLK=triton.cdiv(blocks, split), EP=EP, SPLIT=split, DEG=deg, STAGES=3,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        PRECISION="tf32" if S.dtype == torch.bfloat16 else _precision(q.dtype, deg), num_warps=4)
     if split > 1:
         kernels.decode_finish_kernel[(B * Hq,)](out, o, e, NT=split, NTP=_pow2(split), EP=EP)
     return o

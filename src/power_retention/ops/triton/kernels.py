@@ -26,7 +26,13 @@ chunk states need no gathering: ``index [NT F, 4]`` holds each row's indices ``i
 and ``coefs [NT F]`` its coefficient. A tile is the elementwise product of four factors ``x @
 E_m`` (``E_m [d, F]`` the 0/1 matrix putting column ``index[f, m]`` at feature ``f``), and a
 gradient returns through the same matrices: ``dx = sum_m (dphi * prod_{m' != m} x @ E_m') @
-E_m^T``. Its products take fp32 operands whatever the input dtype (the host keeps ``BF16`` off).
+E_m^T``. Its products take fp32 operands whatever the input dtype (the host keeps ``BF16`` off),
+and for 16-bit inputs three tf32 passes in the forward and decoding (``PREC = "tf32x3"``, near
+fp32): ``phi(q) . S`` sums 52,360 products of both signs to ``(q . k)^4``-sized values, as much
+as ``(sum_i |q_i k_i| / |q . k|)^4`` (hundreds, often far more) times smaller than the products'
+magnitudes, so one tf32 rounding of the features or the state is magnified as much (the initial
+normaliser's gradient 3.2e-2 in fp16 with one pass on the H100, run 46). The backward keeps one
+pass (``host._precision``).
 
 Every sequence is a range ``[bos, eos)`` of a packed ``[T_total, H, x]`` tensor, cut into chunks of
 ``C`` tokens (the last one shorter and masked). Gates enter as log-gates; inside a chunk their
@@ -180,7 +186,7 @@ def _straddle_intra(m, C: tl.constexpr):
 
 @triton.jit
 def _dot(x, y, BF16: tl.constexpr, PREC: tl.constexpr):
-    """fp32-accumulated product; bf16 operands for bf16 inputs, fp32 (tf32/ieee) otherwise.
+    """fp32-accumulated product; bf16 operands for bf16 inputs, fp32 (``_dot32``) otherwise.
     Triton's interpreter gets products of bf16 operands wrong (relative errors near 1), so
     there the operands are rounded to bf16 in fp32 registers instead: the same products."""
     if BF16:
@@ -188,7 +194,54 @@ def _dot(x, y, BF16: tl.constexpr, PREC: tl.constexpr):
             return tl.dot(_round_bf16(x.to(tl.float32)), _round_bf16(y.to(tl.float32)),
                           input_precision="ieee")
         return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
-    return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=PREC)
+    return _dot32(x, y, PREC)
+
+
+@triton.jit
+def _dot32(x, y, PREC: tl.constexpr):
+    """Product of fp32 operands at ``input_precision`` ``PREC``. The interpreter multiplies
+    exactly whatever ``PREC`` says, so there the operands are rounded as the GPU rounds them:
+    "tf32" truncated to tf32 (the matrix units read the top 19 bits), "tf32x3" as Triton splits
+    them, ``x = big + small`` each rounded to nearest tf32, three products without ``small .
+    small``."""
+    x = x.to(tl.float32)
+    y = y.to(tl.float32)
+    if INTERPRET:
+        if PREC == "tf32":
+            return tl.dot(_tf32(x, False), _tf32(y, False), input_precision="ieee")
+        if PREC == "tf32x3":
+            xb, yb = _tf32(x, True), _tf32(y, True)
+            xs, ys = _tf32(x - xb, True), _tf32(y - yb, True)
+            return (tl.dot(xb, ys, input_precision="ieee") + tl.dot(xs, yb, input_precision="ieee")
+                    + tl.dot(xb, yb, input_precision="ieee"))
+    return tl.dot(x, y, input_precision=PREC)
+
+
+@triton.jit
+def _operand(x, BF16: tl.constexpr, PREC: tl.constexpr):
+    """fp32 ``x`` as a one-pass tf32 product reads it (truncated), kept in fp32; any other
+    ``x`` as is. Sums taken beside such a product then see the values it multiplies: a
+    denominator summing the weights of the numerator's product makes the output an exact
+    average of the values (``o_0 = v_0`` for a first token), and the gradient's ``-(dy . o)``
+    cancels ``dy . v`` where the two are equal, as in the reference. Under the interpreter's
+    emulation (``_dot32``), fp16 in pieces of 16 tokens without states: dq 9.1e-3 -> 6.1e-4,
+    dk 1.0e-2 -> 6.2e-4. Rounding to bf16 alike for the bf16 products moved bf16's errors both
+    ways (dq 8.3e-3 -> 6.2e-3, dz0 8.4e-3 -> 1.0e-2), so those keep their sums."""
+    if BF16:
+        return x
+    if PREC == "tf32":
+        return _tf32(x, False)
+    return x
+
+
+@triton.jit
+def _tf32(x, NEAREST: tl.constexpr):
+    """fp32 ``x`` as tf32 (10 mantissa bits), kept in fp32: rounded to nearest (ties away from
+    zero) or truncated."""
+    bits = x.to(tl.uint32, bitcast=True)
+    if NEAREST:
+        bits += 0x1000
+    return (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -222,13 +275,23 @@ def _table_spread(index, tile, m, DK: tl.constexpr, F: tl.constexpr, TRANS: tl.c
 
 
 @triton.jit
+def _spread_dot(x, y, PREC: tl.constexpr):
+    """Degree 4: a product with a 0/1 spreading matrix, which copies entries of the inputs.
+    tf32 holds 16-bit inputs exactly, so where the other products take three tf32 passes
+    (``PREC == "tf32x3"``, degree 4's 16-bit inputs) this one takes one, still exact."""
+    if PREC == "tf32x3":
+        return _dot32(x, y, "tf32")
+    return _dot32(x, y, PREC)
+
+
+@triton.jit
 def _table_factors(xx, index, tile, DK: tl.constexpr, F: tl.constexpr, PREC: tl.constexpr):
     """Degree 4: the four factors ``[C, F]`` of tile ``tile`` of ``phi(x)``, ``xx [C, DK]``;
     their product times the rows' coefficients is the tile."""
-    f0 = _dot(xx, _table_spread(index, tile, 0, DK, F, False), False, PREC)
-    f1 = _dot(xx, _table_spread(index, tile, 1, DK, F, False), False, PREC)
-    f2 = _dot(xx, _table_spread(index, tile, 2, DK, F, False), False, PREC)
-    f3 = _dot(xx, _table_spread(index, tile, 3, DK, F, False), False, PREC)
+    f0 = _spread_dot(xx, _table_spread(index, tile, 0, DK, F, False), PREC)
+    f1 = _spread_dot(xx, _table_spread(index, tile, 1, DK, F, False), PREC)
+    f2 = _spread_dot(xx, _table_spread(index, tile, 2, DK, F, False), PREC)
+    f3 = _spread_dot(xx, _table_spread(index, tile, 3, DK, F, False), PREC)
     return f0, f1, f2, f3
 
 
@@ -272,9 +335,9 @@ def _chunk_contrib(x, y, y1, g, t, mt, i_h, Hx, Hk, d, e, a, b, ea_t, eb_t, inde
             phi_t = _dot(ea_t, xa, BF16, PREC) * _dot(eb_t, xb, BF16, PREC) * w[None, :]
         else:
             xt = _load_block_t(x, t, mt, i_x, Hx, d, 0, DK, DK)            # [DK, C], all of x
-            phi_t = _dot(_table_spread(index, tile, 0, DK, F, True), xt, False, PREC) * w[None, :]
+            phi_t = _spread_dot(_table_spread(index, tile, 0, DK, F, True), xt, PREC) * w[None, :]
             for m in tl.static_range(1, 4):
-                phi_t *= _dot(_table_spread(index, tile, m, DK, F, True), xt, False, PREC)
+                phi_t *= _spread_dot(_table_spread(index, tile, m, DK, F, True), xt, PREC)
         yy = tl.load(y + (t[:, None] * Hx + i_x) * e + re[None, :],
                      mask=mt[:, None] & me[None, :], other=0.0)
         dS += _dot(phi_t, yy, BF16, PREC)                                    # [F, C] @ [C, BE]
@@ -415,6 +478,7 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens
     s = _dot(qq, tl.trans(kk), BF16, PREC) * scale                    # [C, C]
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
     w = tl.where(causal, _pow(s, DEG) * tl.exp(gc[:, None] - gc[None, :]), 0.0)
+    w = _operand(w, BF16, PREC)           # the denominator sums the weights the product reads
     num = _dot(w, vv, BF16, PREC)                                      # [C, EP]
     den = tl.sum(w, axis=1)
 
@@ -437,6 +501,7 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens
         St = tl.load(states + slot * F * e + rf[:, None] * e + re[None, :],
                      mask=me[None, :], other=0.0)
         zt = tl.load(zstates + slot * F + rf)
+        phi = _operand(phi, BF16, PREC)
         num_s += _dot(phi, St, BF16, PREC)
         den_s += tl.sum(phi * zt[None, :], axis=1)
     from_start = tl.exp(gc)
@@ -454,10 +519,12 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens
 
 @triton.jit
 def prepare_bwd_kernel(o, o_low, do, den, dy, dyz, T, Hq, e,
-                       BT: tl.constexpr, EP: tl.constexpr, LOW: tl.constexpr):
-    """Gradient of the division: ``dy_v = do / den`` (``dy``, in the dtype the products read:
-    bf16 for bf16 inputs, fp32 otherwise) and ``dy_z = -(do . o) / den`` for the denominator
-    column (0 where ``den == 0``), with ``LOW`` from ``o + o_low``."""
+                       BT: tl.constexpr, EP: tl.constexpr, LOW: tl.constexpr,
+                       BF16: tl.constexpr, PREC: tl.constexpr):
+    """Gradient of the division: ``dy_v = do / den`` (``dy``, as the products read it: bf16
+    for the bf16 products, tf32 for tf32 ones, kept in fp32) and ``dy_z = -(dy_v . o)`` of
+    those same values for the denominator column (0 where ``den == 0``), with ``LOW`` from
+    ``o + o_low``."""
     i_t, i_hq = tl.program_id(0), tl.program_id(1)
     t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
     mt = t < T
@@ -471,9 +538,9 @@ def prepare_bwd_kernel(o, o_low, do, den, dy, dyz, T, Hq, e,
     dd = tl.load(den + t * Hq + i_hq, mask=mt, other=1.0)
     zero = dd == 0
     inv = 1.0 / tl.where(zero, 1.0, dd)
-    delta = tl.sum(oo * gg.to(tl.float32), axis=1)
-    tl.store(dy + at, (gg.to(tl.float32) * inv[:, None]).to(dy.dtype.element_ty), mask=m)
-    tl.store(dyz + t * Hq + i_hq, tl.where(zero, 0.0, -delta * inv), mask=mt)
+    dyv = _operand(gg.to(tl.float32) * inv[:, None], BF16, PREC)
+    tl.store(dy + at, dyv.to(dy.dtype.element_ty), mask=m)
+    tl.store(dyz + t * Hq + i_hq, tl.where(zero, 0.0, -tl.sum(oo * dyv, axis=1)), mask=mt)
 
 
 @triton.jit
@@ -522,7 +589,7 @@ def dq_kernel(q, k, v, g, states, zstates, dy, dyz, dq, dg_q, cu_seqlens,
             grad += (_dot(dyv, tl.trans(Fb), BF16, PREC) * unphi[None, :]
                      * _column(q, t, mt, i_hq, Hq, d, b)[:, None])
         Z = _normaliser_matrix(zstates, base, NB, BD)
-        grad += dy1[:, None] * tl.dot(qq.to(tl.float32), Z, input_precision=PREC)
+        grad += dy1[:, None] * _dot32(qq, Z, PREC)
         grad = (2.0 * scale * scale * tl.exp(gc))[:, None] * grad
     else:          # the features' gradient, tile by tile, back through the four factors
         rf = tl.arange(0, F)
@@ -610,7 +677,7 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, 
             grad_k += (_dot(vv, tl.trans(dFb), BF16, PREC) * unphi[None, :]
                        * _column(k, t, mt, i_h, Hk, d, b)[:, None])
         dZ = _normaliser_matrix(dzstates, base, NB, BD)
-        grad_k += tl.dot(kk.to(tl.float32), dZ, input_precision=PREC)
+        grad_k += _dot32(kk, dZ, PREC)
         grad_k = (2.0 * to_end)[:, None] * grad_k
     else:          # one loop: the tile's factors serve dv and, through dphi, dk
         grad_k = tl.zeros([C, DK], tl.float32)
@@ -716,9 +783,9 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, index, coefs, scale, held, 
     vv = tl.where(is_new[:, None], vn[None, :].to(vv.dtype), vv)         # [LP, EP]
     decay = tl.where(old, tl.exp(g_total - tl.cumsum(g_old, axis=0)), tl.where(is_new, 1.0, 0.0))
     qq = tl.load(qrows[:, None] + rd[None, :], mask=mj[:, None], other=0.0).to(tl.float32)
-    s = tl.dot(qq * scale, tl.trans(kk.to(tl.float32)), input_precision=PRECISION)  # [GP, LP]
+    s = _dot32(qq * scale, tl.trans(kk), PRECISION)                      # [GP, LP]
     w = _pow(s, DEG) * decay[None, :]
-    num = tl.dot(w, vv.to(tl.float32), input_precision=PRECISION)        # [GP, EP]
+    num = _dot32(w, vv, PRECISION)                                       # [GP, EP]
     den = tl.sum(w, axis=1)                                              # [GP]
 
     # the state: phi(q) [GP, R] of R rows against S [R, e] and z [R]
@@ -744,10 +811,10 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, index, coefs, scale, held, 
                 at = tl.load(index + r * 4 + m, mask=mr, other=0)
                 phi *= tl.load(qrows[:, None] + at[None, :], mask=mq, other=0.0).to(tl.float32)
             phi *= (tl.load(coefs + r, mask=mr, other=0.0) * from_start)[None, :]
-        if INTERPRET and St.dtype == tl.bfloat16:    # its bf16 products are wrong (``_dot``)
-            num += tl.dot(_round_bf16(phi), St.to(tl.float32), input_precision="ieee")
+        if St.dtype == tl.bfloat16:
+            num += _dot(phi, St, True, PRECISION)
         else:
-            num += tl.dot(phi.to(St.dtype), St, input_precision=PRECISION)
+            num += _dot32(phi, St, PRECISION)
         den_rows += phi * zt[None, :]
     den += tl.sum(den_rows, axis=1)
 
