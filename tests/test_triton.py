@@ -3,8 +3,9 @@
 On the CPU (CI) the kernels run under Triton's interpreter in one subprocess (``TRITON_INTERPRET``
 must be set before Triton is imported, so the rest of the suite keeps its own process): small
 shapes, float32 and float16, forward and backward, odd lengths, GQA, packed sequences with an empty
-segment, initial and final states, outputs poisoned with NaN. The ``gpu`` tests run the compiled
-kernels at realistic sizes, up to a 1M-token sequence; they are skipped without CUDA.
+segment, initial and final states, outputs poisoned with NaN, every product's operands rounded
+as the GPU rounds them (bf16, tf32, three tf32 passes: ``kernels._dot``). The ``gpu`` tests run
+the compiled kernels at realistic sizes, up to a 1M-token sequence; they are skipped without CUDA.
 """
 
 from __future__ import annotations
