@@ -123,7 +123,6 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks, deg: int):
     """``(kernel, constexprs)`` for every kernel as host.py launches it."""
     feat = host._features(d, deg, torch.device("cpu"))
     flags = {**host._flags(dtype, d, e, deg), "USE_GATE": True}
-    bwd = {**host._flags(dtype, d, e, deg, backward=True), "USE_GATE": True}
     tiling = {"BD": host.BD, "KP": host.KP, "NB": d // host.BD, "NT": feat.NT}
     if deg == 2:                                   # no tables: None arguments are constexprs
         tiling.update(index=None, coefs=None)
@@ -144,12 +143,12 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks, deg: int):
         for way in directions:
             for BE in blocks:
                 yield kernels.scan_kernel, dict(C=C, BE=BE, GROUPS=1, LOOP_FOR=True, **way,
-                                                **tiling, **(bwd if way["REVERSE"] else flags))
+                                                **tiling, **flags)
         yield kernels.output_fwd_kernel, dict(C=C, EP=EP, LOW=low, **tiling, **flags)
-        yield kernels.dq_kernel, dict(C=C, EP=EP, **tiling, **bwd)
-        yield kernels.dkv_kernel, dict(C=C, EP=EP, GROUPS=1, **tiling, **bwd)
-    yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP, LOW=low, BF16=bwd["BF16"],
-                                           PREC=bwd["PREC"])
+        yield kernels.dq_kernel, dict(C=C, EP=EP, **tiling, **flags)
+        yield kernels.dkv_kernel, dict(C=C, EP=EP, GROUPS=1, **tiling, **flags)
+    yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP, LOW=low, BF16=flags["BF16"],
+                                           PREC=flags["PREC"])
     precision = "ieee" if dtype == torch.float32 else "tf32"
     tables = {} if deg != 2 else dict(index=None, coefs=None)
     for R in (64, 32) if e <= 64 else (32,):                # as host.decode_into picks

@@ -47,6 +47,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "fp32_forward_in_head_halves": torch.float32,
     "deg4_fp32_gqa_state": torch.float32,
     "deg4_fp16_packed": torch.float16,
+    "deg4_fp16_near_orthogonal": torch.float16,
     "deg4_decode_into_fold": torch.bfloat16,
     "fp32_pieces_packed_state": torch.float32,
     "fp16_pieces_batch_no_state": torch.float16,
@@ -335,7 +336,7 @@ def test_gpu_deg4_forward_backward_match_reference(dtype):
     """Degree 4 at d = 32 (52,360 features), as the degree-2 test (700 tokens: the float64
     reference holds every token's features). With one tf32 pass per product fp16 missed dz0
     (3.2e-2, runs 46-47, where fp32 arithmetic gave 5.4e-5 on the same inputs): 16-bit inputs
-    now take three in the forward (``host._precision``)."""
+    now take three (``host._precision``)."""
     _check_host_against_reference(dtype, 32, deg=4, T=700)
 
 

@@ -138,22 +138,20 @@ def _bf16_products(dtype: torch.dtype, d: int, e: int, deg: int = 2) -> bool:
     return dtype == torch.bfloat16 and d <= 64 and deg == 2
 
 
-def _precision(dtype: torch.dtype, deg: int, backward: bool = False) -> str:
+def _precision(dtype: torch.dtype, deg: int) -> str:
     """``input_precision`` of the kernels' fp32 products: exact fp32 for fp32 inputs; tf32,
-    whose operands are as precise as fp16's, for 16-bit ones at degree 2 and in degree 4's
-    backward; three tf32 passes (near fp32) in degree 4's forward and decoding, whose state
-    products cancel far more than one tf32 rounding allows (``kernels`` module docstring):
-    with one pass fp16's dz0 missed by 3x, through the outputs and denominators it reads (H100,
-    runs 46-47). Three in the backward as well cost 5x its time (``dq_kernel`` and
-    ``dkv_kernel`` spill 6 KB; H200, run 47) for gradients that one pass keeps within 3.3e-3."""
+    whose operands are as precise as fp16's, for 16-bit ones at degree 2; three tf32 passes
+    (near fp32) at degree 4, whose state products cancel far more than one tf32 rounding allows
+    (``kernels`` module docstring). With one pass fp16's dz0 missed by 3x on the H100 (runs
+    46-47); with one in the backward only, dq missed by 2x under the interpreter's emulation
+    (``deg4_fp16_near_orthogonal``)."""
     if dtype == torch.float32:
         return "ieee"
-    return "tf32x3" if deg == 4 and not backward else "tf32"
+    return "tf32x3" if deg == 4 else "tf32"
 
 
-def _flags(dtype: torch.dtype, d: int, e: int, deg: int, backward: bool = False) -> dict:
-    return {"BF16": _bf16_products(dtype, d, e, deg), "PREC": _precision(dtype, deg, backward),
-            "DEG": deg}
+def _flags(dtype: torch.dtype, d: int, e: int, deg: int) -> dict:
+    return {"BF16": _bf16_products(dtype, d, e, deg), "PREC": _precision(dtype, deg), "DEG": deg}
 
 
 def _state_dtype(dtype: torch.dtype, d: int, e: int, deg: int) -> torch.dtype:
@@ -222,8 +220,7 @@ def _scan(x, y, y1, g, S_in, z_in, lay: _Layout, C: int, *, deg: int, reverse: b
         return states, zstates, S_out, z_out
     meta = dict(GROUPS=groups, C=C, BD=BD, KP=KP, NB=d // BD, NT=NT, REVERSE=reverse,
                 USE_GATE=g is not None, HAS_INIT=S_in is not None, HAS_Y1=y1 is not None,
-                STORE_STATES=store_states, STORE_FINAL=store_final,
-                **_flags(x.dtype, d, e, deg, backward=reverse))
+                STORE_STATES=store_states, STORE_FINAL=store_final, **_flags(x.dtype, d, e, deg))
     # one program per (tile, block of value columns, sequence x KV head); the tuning bucket
     # SEQS (sequences x KV heads, a power of two <= 256) separates batch-1 scans from batches
     BE = min(64, _pow2(e))
@@ -376,8 +373,7 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
     lay = _Layout(B, T, cu_seqlens, C, q.device)
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(do)
     gf = None if log_gate is None else _flat(log_gate)
-    flags = dict(USE_GATE=gf is not None, KP=KP, NT=feat.NT,
-                 **_flags(q.dtype, d, e, deg, backward=True))
+    flags = dict(USE_GATE=gf is not None, KP=KP, NT=feat.NT, **_flags(q.dtype, d, e, deg))
     Ttot = B * T
 
     # Two streams. The side one recomputes the chunk states and then runs dq_kernel, which

@@ -27,12 +27,11 @@ and ``coefs [NT F]`` its coefficient. A tile is the elementwise product of four 
 E_m`` (``E_m [d, F]`` the 0/1 matrix putting column ``index[f, m]`` at feature ``f``), and a
 gradient returns through the same matrices: ``dx = sum_m (dphi * prod_{m' != m} x @ E_m') @
 E_m^T``. Its products take fp32 operands whatever the input dtype (the host keeps ``BF16`` off),
-and for 16-bit inputs three tf32 passes in the forward and decoding (``PREC = "tf32x3"``, near
-fp32): ``phi(q) . S`` sums 52,360 products of both signs to ``(q . k)^4``-sized values, as much
-as ``(sum_i |q_i k_i| / |q . k|)^4`` (hundreds, often far more) times smaller than the products'
+and for 16-bit inputs three tf32 passes (``PREC = "tf32x3"``, near fp32; ``host._precision``):
+``phi(q) . S`` sums 52,360 products of both signs to ``(q . k)^4``-sized values, as much as
+``(sum_i |q_i k_i| / |q . k|)^4`` (hundreds, often far more) times smaller than the products'
 magnitudes, so one tf32 rounding of the features or the state is magnified as much (the initial
-normaliser's gradient 3.2e-2 in fp16 with one pass on the H100, run 46). The backward keeps one
-pass (``host._precision``).
+normaliser's gradient 3.2e-2 in fp16 with one pass on the H100, run 46).
 
 Every sequence is a range ``[bos, eos)`` of a packed ``[T_total, H, x]`` tensor, cut into chunks of
 ``C`` tokens (the last one shorter and masked). Gates enter as log-gates; inside a chunk their
