@@ -4,7 +4,7 @@
 # from the repository root on the GPU machine:
 #     OUT=/some/dir bash scripts/gpu.sh [pytest -k expression]
 # TEST_TIMEOUT (220 s per group of tests: the quick group takes ~190 s on a fresh machine, most
-# of it compiling; the 1M-token group ~55 s; degree 4 ~160 s), BENCH_TIMEOUT (250 s) and SERVING_TIMEOUT (200 s;
+# of it compiling; the 1M-token group ~55 s; degree 4 ~200 s), BENCH_TIMEOUT (250 s) and SERVING_TIMEOUT (200 s;
 # 0 skips either benchmark) bound each part (one call allows 600 s); BENCH_ARGS and SERVING_ARGS
 # pass options to the two benchmarks (e.g. BENCH_ARGS="--seq-lens=65536 --long= --odd=",
 # SERVING_ARGS=--profile). Figures of the results, anywhere matplotlib is installed:
