@@ -8,6 +8,7 @@ and the helpers below do nothing.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -50,7 +51,14 @@ def setup(device: str = "auto") -> Context:
 
 
 def teardown() -> None:
+    """Leave the process group (call it from a ``finally``). After a run that completed, every
+    rank first waits for the others: a gloo rank that tore its connections down while another
+    still used them aborted once in CI ("terminate called without an active exception", the
+    two-process DDP test, 2026-12-07). With an exception in flight it leaves at once: a
+    barrier would wait for ranks that may be gone."""
     if dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
