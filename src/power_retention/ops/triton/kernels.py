@@ -48,6 +48,7 @@ import triton.language as tl
 
 SQRT2 = tl.constexpr(1.4142135623730951)
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+NONE_EXACT = tl.constexpr("")   # _dot32: no operand is a tf32 number already
 
 
 @triton.jit
@@ -184,7 +185,7 @@ def _straddle_intra(m, C: tl.constexpr):
 
 
 @triton.jit
-def _dot(x, y, BF16: tl.constexpr, PREC: tl.constexpr):
+def _dot(x, y, BF16: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr = NONE_EXACT):
     """fp32-accumulated product; bf16 operands for bf16 inputs, fp32 (``_dot32``) otherwise.
     Triton's interpreter gets products of bf16 operands wrong (relative errors near 1), so
     there the operands are rounded to bf16 in fp32 registers instead: the same products."""
@@ -193,27 +194,45 @@ def _dot(x, y, BF16: tl.constexpr, PREC: tl.constexpr):
             return tl.dot(_round_bf16(x.to(tl.float32)), _round_bf16(y.to(tl.float32)),
                           input_precision="ieee")
         return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
-    return _dot32(x, y, PREC)
+    return _dot32(x, y, PREC, EXACT)
 
 
 @triton.jit
-def _dot32(x, y, PREC: tl.constexpr):
-    """Product of fp32 operands at ``input_precision`` ``PREC``. The interpreter multiplies
-    exactly whatever ``PREC`` says, so there the operands are rounded as the GPU rounds them:
-    "tf32" truncated to tf32 (the matrix units read the top 19 bits), "tf32x3" as Triton splits
-    them, ``x = big + small`` each rounded to nearest tf32, three products without ``small .
-    small``."""
+def _dot32(x, y, PREC: tl.constexpr, EXACT: tl.constexpr = NONE_EXACT):
+    """Product of fp32 operands at ``input_precision`` ``PREC``. "tf32x3" splits each operand,
+    ``x = big + small`` (big rounded to nearest tf32, small truncated), and adds three tf32
+    products, all but ``small . small``. ``EXACT`` names the operands that are tf32 numbers
+    already ("x", "y" or "xy": 16-bit inputs, 0/1 matrices), whose small part is zero, so
+    their products with it are left out: two passes, or one. The interpreter multiplies
+    exactly whatever ``PREC`` says, so there the operands are rounded as the GPU rounds them
+    ("tf32" truncates: the matrix units read the top 19 bits)."""
     x = x.to(tl.float32)
     y = y.to(tl.float32)
-    if INTERPRET:
-        if PREC == "tf32":
-            return tl.dot(_tf32(x, False), _tf32(y, False), input_precision="ieee")
-        if PREC == "tf32x3":
+    if PREC == "tf32x3":
+        if EXACT == "xy":
+            return _tf32_dot(x, y, None)
+        if EXACT == "x":
+            yb = _tf32(y, True)
+            return _tf32_dot(x, yb, _tf32_dot(x, y - yb, None))
+        if EXACT == "y":
+            xb = _tf32(x, True)
+            return _tf32_dot(xb, y, _tf32_dot(x - xb, y, None))
+        if INTERPRET:
             xb, yb = _tf32(x, True), _tf32(y, True)
-            xs, ys = _tf32(x - xb, True), _tf32(y - yb, True)
-            return (tl.dot(xb, ys, input_precision="ieee") + tl.dot(xs, yb, input_precision="ieee")
-                    + tl.dot(xb, yb, input_precision="ieee"))
+            acc = _tf32_dot(x - xb, yb, _tf32_dot(xb, y - yb, None))
+            return _tf32_dot(xb, yb, acc)
+    if PREC == "tf32":
+        return _tf32_dot(x, y, None)
     return tl.dot(x, y, input_precision=PREC)
+
+
+@triton.jit
+def _tf32_dot(x, y, acc):
+    """``acc`` (or zeros, for None) plus one tf32 product of fp32 operands; the interpreter
+    truncates them as the GPU does."""
+    if INTERPRET:
+        return tl.dot(_tf32(x, False), _tf32(y, False), acc, input_precision="ieee")
+    return tl.dot(x, y, acc, input_precision="tf32")
 
 
 @triton.jit
@@ -274,24 +293,21 @@ def _table_spread(index, tile, m, DK: tl.constexpr, F: tl.constexpr, TRANS: tl.c
 
 
 @triton.jit
-def _spread_dot(x, y, PREC: tl.constexpr):
-    """Degree 4: a product with a 0/1 spreading matrix, which copies entries of the inputs.
-    tf32 holds 16-bit inputs exactly, so where the other products take three tf32 passes
-    (``PREC == "tf32x3"``, degree 4's 16-bit inputs) this one takes one, still exact."""
-    if PREC == "tf32x3":
-        return _dot32(x, y, "tf32")
-    return _dot32(x, y, PREC)
-
-
-@triton.jit
 def _table_factors(xx, index, tile, DK: tl.constexpr, F: tl.constexpr, PREC: tl.constexpr):
     """Degree 4: the four factors ``[C, F]`` of tile ``tile`` of ``phi(x)``, ``xx [C, DK]``;
     their product times the rows' coefficients is the tile."""
-    f0 = _spread_dot(xx, _table_spread(index, tile, 0, DK, F, False), PREC)
-    f1 = _spread_dot(xx, _table_spread(index, tile, 1, DK, F, False), PREC)
-    f2 = _spread_dot(xx, _table_spread(index, tile, 2, DK, F, False), PREC)
-    f3 = _spread_dot(xx, _table_spread(index, tile, 3, DK, F, False), PREC)
+    f0 = _dot32(xx, _table_spread(index, tile, 0, DK, F, False), PREC, "xy")
+    f1 = _dot32(xx, _table_spread(index, tile, 1, DK, F, False), PREC, "xy")
+    f2 = _dot32(xx, _table_spread(index, tile, 2, DK, F, False), PREC, "xy")
+    f3 = _dot32(xx, _table_spread(index, tile, 3, DK, F, False), PREC, "xy")
     return f0, f1, f2, f3
+
+
+@triton.jit
+def _spread_back(x, index, tile, m, DK: tl.constexpr, F: tl.constexpr, PREC: tl.constexpr):
+    """Degree 4: ``x [C, F] @ E_m^T [F, DK]``, each feature's ``x`` summed into the index it
+    took from the inputs (``_table_spread``)."""
+    return _dot32(x, _table_spread(index, tile, m, DK, F, True), PREC, "y")
 
 
 @triton.jit
@@ -299,12 +315,12 @@ def _table_grad(gphi, f0, f1, f2, f3, index, tile, DK: tl.constexpr, F: tl.const
                 PREC: tl.constexpr):
     """Degree 4: ``[C, DK]``, the gradient of ``x`` through tile ``tile`` given the gradient
     ``gphi [C, F]`` of its features' products ``f0 f1 f2 f3`` (coefficients applied)."""
-    p01 = f0 * f1
-    p23 = f2 * f3
-    g = _dot(gphi * f1 * p23, _table_spread(index, tile, 0, DK, F, True), False, PREC)
-    g += _dot(gphi * f0 * p23, _table_spread(index, tile, 1, DK, F, True), False, PREC)
-    g += _dot(gphi * p01 * f3, _table_spread(index, tile, 2, DK, F, True), False, PREC)
-    g += _dot(gphi * p01 * f2, _table_spread(index, tile, 3, DK, F, True), False, PREC)
+    g23 = gphi * f2 * f3
+    g = _spread_back(g23 * f1, index, tile, 0, DK, F, PREC)
+    g += _spread_back(g23 * f0, index, tile, 1, DK, F, PREC)
+    g01 = gphi * f0 * f1
+    g += _spread_back(g01 * f3, index, tile, 2, DK, F, PREC)
+    g += _spread_back(g01 * f2, index, tile, 3, DK, F, PREC)
     return g
 
 
@@ -334,16 +350,19 @@ def _chunk_contrib(x, y, y1, g, t, mt, i_h, Hx, Hk, d, e, a, b, ea_t, eb_t, inde
             phi_t = _dot(ea_t, xa, BF16, PREC) * _dot(eb_t, xb, BF16, PREC) * w[None, :]
         else:
             xt = _load_block_t(x, t, mt, i_x, Hx, d, 0, DK, DK)            # [DK, C], all of x
-            phi_t = _spread_dot(_table_spread(index, tile, 0, DK, F, True), xt, PREC) * w[None, :]
+            phi_t = _dot32(_table_spread(index, tile, 0, DK, F, True), xt, PREC, "xy") * w[None, :]
             for m in tl.static_range(1, 4):
-                phi_t *= _spread_dot(_table_spread(index, tile, m, DK, F, True), xt, PREC)
+                phi_t *= _dot32(_table_spread(index, tile, m, DK, F, True), xt, PREC, "xy")
         yy = tl.load(y + (t[:, None] * Hx + i_x) * e + re[None, :],
                      mask=mt[:, None] & me[None, :], other=0.0)
-        dS += _dot(phi_t, yy, BF16, PREC)                                    # [F, C] @ [C, BE]
+        if REVERSE:                                                       # [F, C] @ [C, BE]
+            dS += _dot(phi_t, yy, BF16, PREC)
+        else:                                                             # yy: the values
+            dS += _dot(phi_t, yy, BF16, PREC, "y")
         if HAS_Y1:
             dz += tl.sum(phi_t * tl.load(y1 + t * Hx + i_x, mask=mt, other=0.0)[None, :], axis=1)
         else:
-            dz += tl.sum(_dot(phi_t, first, BF16, PREC), axis=1)
+            dz += tl.sum(_dot(phi_t, first, BF16, PREC, "y"), axis=1)
     # the pair coefficients scale feature rows, so they apply to the sums
     return dS * coef[:, None], dz * coef, tl.exp(g_last)
 
@@ -474,11 +493,11 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens
     gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
 
     # attention inside the chunk: w_ij = (s q_i.k_j)^DEG exp(gc_i - gc_j), j <= i
-    s = _dot(qq, tl.trans(kk), BF16, PREC) * scale                    # [C, C]
+    s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale                    # [C, C]
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
     w = tl.where(causal, _pow(s, DEG) * tl.exp(gc[:, None] - gc[None, :]), 0.0)
     w = _operand(w, BF16, PREC)           # the denominator sums the weights the product reads
-    num = _dot(w, vv, BF16, PREC)                                      # [C, EP]
+    num = _dot(w, vv, BF16, PREC, "y")                                    # [C, EP]
     den = tl.sum(w, axis=1)
 
     # the incoming state, queried tile by tile: phi(s q) [C, F] @ S [F, EP]
@@ -607,12 +626,12 @@ def dq_kernel(q, k, v, g, states, zstates, dy, dyz, dq, dg_q, cu_seqlens,
     gate_part = tl.sum(from_state, axis=0) - tl.cumsum(from_state, axis=0) + from_state
 
     # inside the chunk: dw_ij = dy_i . [v_j, 1]; w_ij = s_ij^2 decay_ij
-    s = _dot(qq, tl.trans(kk), BF16, PREC) * scale
+    s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
     decay = tl.where(causal, tl.exp(gc[:, None] - gc[None, :]), 0.0)
-    dw = _dot(dyv, tl.trans(vv), BF16, PREC) + dy1[:, None]
+    dw = _dot(dyv, tl.trans(vv), BF16, PREC, "y") + dy1[:, None]
     ds = dw * decay * DEG * _pow(s, DEG - 1)                           # [C, C]
-    grad += _dot(ds, kk, BF16, PREC) * scale                           # [C, DK]
+    grad += _dot(ds, kk, BF16, PREC, "y") * scale                         # [C, DK]
     gate_part += _straddle_intra(dw * _pow(s, DEG - 1) * s * decay, C)
     tl.store(dq + (t[:, None] * Hq + i_hq) * d + rd[None, :], grad.to(dq.dtype.element_ty),
              mask=mt[:, None])
@@ -708,12 +727,12 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, 
         dyv = tl.load(dy + (t[:, None] * Hq + i_hq) * e + re[None, :],
                       mask=mt[:, None] & me[None, :], other=0.0)
         dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
-        s = _dot(qq, tl.trans(kk), BF16, PREC) * scale                 # [C(i), C(j)]
+        s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale                 # [C(i), C(j)]
         w = _pow(s, DEG) * decay
         grad_v += _dot(tl.trans(w), dyv, BF16, PREC)
-        dw = _dot(dyv, tl.trans(vv), BF16, PREC) + dy1[:, None]
+        dw = _dot(dyv, tl.trans(vv), BF16, PREC, "y") + dy1[:, None]
         ds = dw * decay * DEG * _pow(s, DEG - 1)
-        grad_k += _dot(tl.trans(ds), qq, BF16, PREC) * scale
+        grad_k += _dot(tl.trans(ds), qq, BF16, PREC, "y") * scale
     tl.store(dk + (t[:, None] * Hk + i_h) * d + rd[None, :], grad_k.to(dk.dtype.element_ty),
              mask=mt[:, None])
     tl.store(dv + (t[:, None] * Hk + i_h) * e + re[None, :], grad_v.to(dv.dtype.element_ty),
@@ -782,9 +801,9 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, index, coefs, scale, held, 
     vv = tl.where(is_new[:, None], vn[None, :].to(vv.dtype), vv)         # [LP, EP]
     decay = tl.where(old, tl.exp(g_total - tl.cumsum(g_old, axis=0)), tl.where(is_new, 1.0, 0.0))
     qq = tl.load(qrows[:, None] + rd[None, :], mask=mj[:, None], other=0.0).to(tl.float32)
-    s = _dot32(qq * scale, tl.trans(kk), PRECISION)                      # [GP, LP]
-    w = _pow(s, DEG) * decay[None, :]
-    num = _dot32(w, vv, PRECISION)                                       # [GP, EP]
+    s = _dot32(qq, tl.trans(kk), PRECISION, "xy") * scale                    # [GP, LP]
+    w = _operand(_pow(s, DEG) * decay[None, :], False, PRECISION)       # as the product reads
+    num = _dot32(w, vv, PRECISION, "y")                                     # [GP, EP]
     den = tl.sum(w, axis=1)                                              # [GP]
 
     # the state: phi(q) [GP, R] of R rows against S [R, e] and z [R]
@@ -813,6 +832,7 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, index, coefs, scale, held, 
         if St.dtype == tl.bfloat16:
             num += _dot(phi, St, True, PRECISION)
         else:
+            phi = _operand(phi, False, PRECISION)
             num += _dot32(phi, St, PRECISION)
         den_rows += phi * zt[None, :]
     den += tl.sum(den_rows, axis=1)
