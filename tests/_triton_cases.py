@@ -16,11 +16,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from power_retention import DecodeBuffer, RetentionState, power_retention, sympow_embed  # noqa: E402
 from power_retention.ops.naive import attention_reference  # noqa: E402
+from power_retention.ops.triton.kernels import _dot32  # noqa: E402
 
 from _helpers import decode_with_slots, make_inputs, make_state, rel_err  # noqa: E402
 
@@ -221,6 +224,40 @@ def case_deg4_fp16_near_orthogonal():
     g = F.logsigmoid(randn(B, T, Hk) + 3).float()
     return check_op(B, T, Hq, Hk, d, e, torch.float16, deg=4,
                     inputs=(q.half(), k.half(), v.half(), g, S0, z0))
+
+
+@triton.jit
+def _product(x, y, out, PREC: tl.constexpr, EXACT: tl.constexpr):
+    """``out = x @ y`` (64 x 64 each) through ``kernels._dot32``."""
+    r = tl.arange(0, 64)
+    a = tl.load(x + r[:, None] * 64 + r[None, :])
+    b = tl.load(y + r[:, None] * 64 + r[None, :])
+    tl.store(out + r[:, None] * 64 + r[None, :], _dot32(a, b, PREC, EXACT))
+
+
+def case_tf32_passes():
+    """``kernels._dot32``'s passes against float64 products of 64 x 64 x 64: three tf32 passes
+    near fp32; two where one operand holds 16-bit values (``EXACT`` "x" or "y"), one where both
+    do ("xy"), as close, since those operands have no remainder after rounding to tf32; and
+    one pass of fp32 operands (``"tf32"``) far from it, or the emulation of tf32 would be off.
+    The ``*_drops_a_remainder`` entries are 0 when an ``EXACT`` claimed of an fp32 operand
+    loses its remainder (errors near tf32's), so the flags change what is multiplied."""
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(64, 64, generator=gen)                 # fp32 values, beyond tf32
+    short = torch.randn(64, 64, generator=gen).half().float()  # 16-bit values, within tf32
+
+    def err(x, y, prec, exact):
+        out = torch.empty(64, 64)
+        _product[(1,)](x, y, out, PREC=prec, EXACT=exact)
+        return rel_err(out, x.double() @ y.double())
+    one_pass = err(wide, wide, "tf32", "")
+    return {"three_passes": err(wide, wide, "tf32x3", ""),
+            "x_exact": err(short, wide, "tf32x3", "x"),
+            "y_exact": err(wide, short, "tf32x3", "y"),
+            "both_exact": err(short, short, "tf32x3", "xy"),
+            "one_pass_is_tf32": float(not 1e-4 < one_pass < 1e-2),
+            "x_exact_drops_a_remainder": float(err(wide, short, "tf32x3", "x") < 1e-4),
+            "both_exact_drops_a_remainder": float(err(wide, wide, "tf32x3", "xy") < 1e-4)}
 
 
 def _in_pieces(tokens: int, *args, **kwargs) -> dict[str, float]:

@@ -48,6 +48,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "deg4_fp32_gqa_state": torch.float32,
     "deg4_fp16_packed": torch.float16,
     "deg4_fp16_near_orthogonal": torch.float16,
+    "tf32_passes": torch.float32,
     "deg4_decode_into_fold": torch.bfloat16,
     "fp32_pieces_packed_state": torch.float32,
     "fp16_pieces_batch_no_state": torch.float16,
