@@ -283,12 +283,19 @@ def test_body_too_large_and_unknown_route(server):
     assert _error(httpx.get(server.url + "/v1/nothing", timeout=5), 404)["code"] == "not_found"
 
 
-def test_memory_budget_and_concurrency_limits():
+def test_memory_budget_and_concurrency_limits(monkeypatch):
     """A budget of two requests' caches runs two, queues the third, refuses a fourth (429);
     a budget below one request refuses every request (400)."""
     per_request = RetentionBackend(tiny_model(), MODEL).sequence_bytes()
     engine, server = start_server(EngineLimits(memory_budget_bytes=2 * per_request,
                                                max_batch_size=8, max_concurrent_requests=3))
+    # steps of at least 5 ms keep the first two requests' 400 tokens running for 2 s, so the
+    # health polls see two running and one waiting however fast the machine is. (Once, in a
+    # fresh-clone CI run, the polls never saw the third request: the server had run 401 steps,
+    # nothing waited or was cancelled. The statuses are now checked first, so a refused third
+    # request would show its status.)
+    step = engine.backend.step
+    monkeypatch.setattr(engine.backend, "step", lambda *args: (time.sleep(0.005), step(*args))[1])
     body = {"model": MODEL, "prompt": "a", "max_tokens": 400, "stream": True,
             "temperature": 0, "ignore_eos": True}
     with server, httpx.Client(timeout=WAIT_SECONDS) as http:
@@ -296,6 +303,7 @@ def test_memory_budget_and_concurrency_limits():
                    for _ in range(3)]
         responses = [s.__enter__() for s in streams]
         try:
+            assert [r.status_code for r in responses] == [200] * 3
             health = wait_for(server, lambda h: h["running"] == 2 and h["waiting"] == 1)
             assert health["reserved_bytes"] == 2 * per_request
             refused = http.post(server.url + "/v1/completions", json={**body, "stream": False})
@@ -303,7 +311,6 @@ def test_memory_budget_and_concurrency_limits():
         finally:
             for s in streams:
                 s.__exit__(None, None, None)
-        assert all(r.status_code == 200 for r in responses)
         wait_idle(server)
 
     engine, server = start_server(EngineLimits(memory_budget_bytes=per_request - 1))
