@@ -5,7 +5,7 @@
 #     OUT=/some/dir bash scripts/gpu.sh [pytest -k expression]
 # The tests are mostly compiling (each kernel for every autotuned configuration): one after the
 # other, 7 of the 19 besides the 1M-token ones took 420 s on a fresh H100 (docs/benchmarks.md,
-# run 48), so where pytest-xdist is installed TEST_WORKERS (4) processes share them. The two
+# run 48), so where pytest-xdist is installed TEST_WORKERS (6) processes share them. The two
 # 1M-token tests (38 and 61 GiB) run after them, alone. TEST_TIMEOUT (300 s) bounds each of the
 # two parts, BENCH_TIMEOUT (250 s) and SERVING_TIMEOUT (200 s; 0 skips either benchmark) the
 # benchmarks (one call allows 600 s); BENCH_ARGS and SERVING_ARGS pass options to the two
@@ -32,7 +32,7 @@ run_tests() {   # $1: a -k expression; the rest: pytest options
 }
 selection=${1:-}
 parallel=(-s)
-if python3 -c "import xdist" 2>/dev/null; then parallel=(-n "${TEST_WORKERS:-4}" -rP); fi
+if python3 -c "import xdist" 2>/dev/null; then parallel=(-n "${TEST_WORKERS:-6}" --dist worksteal -rP); fi
 run_tests "${selection:+($selection) and }not one_million" "${parallel[@]}"
 run_tests "${selection:+($selection) and }one_million" -s
 if [ "${BENCH_TIMEOUT:-250}" != 0 ]; then
