@@ -33,12 +33,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_bench(src: Path, cache: Path, out: Path, seq_lens: str, dtype: str = "bfloat16",
-              head_dim: int = 64) -> dict:
+              head_dim: int = 64, deg: int = 2) -> dict:
     """One ``bench_op.py`` run against the package under ``src``; its JSON record."""
     env = dict(os.environ, PYTHONPATH=str(src), POWER_RETENTION_CACHE=str(cache))
     cmd = [sys.executable, str(HERE / "bench_op.py"), "--out", str(out), "--seq-lens", seq_lens,
            "--long=", "--odd=", "--decode-batches=", "--no-baselines", "--dtype", dtype,
-           "--head-dim", str(head_dim)]
+           "--head-dim", str(head_dim), "--deg", str(deg)]
     subprocess.run(cmd, env=env, check=True)
     return json.loads(out.read_text())
 
@@ -83,7 +83,9 @@ def main(argv=None) -> None:
                         help="t of the cases, 65,536 tokens per call (bench_op.py's rule)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each version")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--head-dim", type=int, default=64, choices=(32, 64, 128))
+    parser.add_argument("--head-dim", type=int, default=64, choices=(16, 32, 64, 128))
+    parser.add_argument("--deg", type=int, default=2, choices=(2, 4),
+                        help="degree p (4: head sizes 16 and 32)")
     parser.add_argument("--out", default="ab.json")
     args = parser.parse_args(argv)
     versions = {"this": HERE.parent / "src"}
@@ -101,7 +103,8 @@ def main(argv=None) -> None:
             for name, src in versions.items():
                 print(f"run {i + 1} of {args.repeats}: {name} ({src})", flush=True)
                 runs[name].append(run_bench(src, Path(tmp) / name, Path(tmp) / "run.json",
-                                            args.seq_lens, args.dtype, args.head_dim))
+                                            args.seq_lens, args.dtype, args.head_dim,
+                                            args.deg))
     cases, kernels = compare(runs)
     Path(args.out).write_text(json.dumps({"versions": {k: str(v) for k, v in versions.items()},
                                           "runs": runs, "cases": cases, "kernels": kernels},
