@@ -15,7 +15,8 @@ Each version runs ``bench_op.py`` (ours only: no SDPA, decode, long or odd lengt
 process with its own chunk-size cache, the versions taking turns ``--repeats`` times so that a
 drift of the GPU's clocks falls on all. Prints per case the median of each version's times and
 its ratio to this checkout's, and the per-kernel times of one forward + backward at 64k; writes
-every run to ``--out``.
+every run to ``--out`` as soon as it ends. A version whose run fails (run 49: an illegal memory
+access in one branch's kernel) is reported and left out of the later turns; the others go on.
 """
 
 from __future__ import annotations
@@ -98,18 +99,33 @@ def main(argv=None) -> None:
                          "different names")
         versions[name] = src.resolve()
     runs: dict[str, list[dict]] = {v: [] for v in versions}
+    failed: dict[str, str] = {}
+
+    def save(cases=(), kernels=()):
+        Path(args.out).write_text(json.dumps(
+            {"versions": {k: str(v) for k, v in versions.items()}, "runs": runs,
+             "failed": failed, "cases": cases, "kernels": kernels}, indent=1))
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             for name, src in versions.items():
+                if name in failed:
+                    continue
                 print(f"run {i + 1} of {args.repeats}: {name} ({src})", flush=True)
-                runs[name].append(run_bench(src, Path(tmp) / name, Path(tmp) / "run.json",
-                                            args.seq_lens, args.dtype, args.head_dim,
-                                            args.deg))
-    cases, kernels = compare(runs)
-    Path(args.out).write_text(json.dumps({"versions": {k: str(v) for k, v in versions.items()},
-                                          "runs": runs, "cases": cases, "kernels": kernels},
-                                         indent=1))
-    names = list(versions)
+                try:
+                    runs[name].append(run_bench(src, Path(tmp) / name, Path(tmp) / "run.json",
+                                                args.seq_lens, args.dtype, args.head_dim,
+                                                args.deg))
+                except subprocess.CalledProcessError as err:
+                    failed[name] = f"run {i + 1}: bench_op.py exit status {err.returncode}"
+                    print(f"{name} failed ({failed[name]}); the other versions go on",
+                          flush=True)
+                save()
+    if "this" in failed:
+        sys.exit(f"this checkout's run failed ({failed['this']}): nothing to compare against")
+    timed = {name: records for name, records in runs.items() if name not in failed}
+    cases, kernels = compare(timed)
+    save(cases, kernels)
+    names = list(timed)
     print(f"\nmedian ms of {args.repeats} runs each; ratio = version / this; "
           + ", ".join(f"{n} = {versions[n]}" for n in names))
     print(f"{'':40}" + "".join(f"{n[:14]:>15}" for n in names)
@@ -122,6 +138,8 @@ def main(argv=None) -> None:
                      else case)
             print(f"{label[:40]:40}" + "".join(f"{row['ms'][n]:15.3f}" for n in names)
                   + "".join(f"{row['ratio'][n]:15.3f}" for n in names[1:]))
+    for name, why in failed.items():
+        print(f"{name}: failed, {why}")
 
 
 if __name__ == "__main__":

@@ -163,3 +163,29 @@ def test_ab_comparison_takes_medians_per_case_and_kernel(tmp_path):
     result = script("ab_op.py", "--other", str(tmp_path / "one" / "v"), "--other",
                     str(tmp_path / "two" / "v"))
     assert result.returncode == 2 and "two versions named 'v'" in result.stderr
+
+
+def test_ab_goes_on_when_a_version_fails(tmp_path, monkeypatch, capsys):
+    """Run 49 lost this checkout's timing when the other version's kernel crashed."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import ab_op
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    broken = tmp_path / "broken" / "src"
+    (broken / "power_retention").mkdir(parents=True)
+    (broken / "power_retention" / "__init__.py").touch()
+
+    def run_bench(src, *args):
+        if src == broken:
+            raise subprocess.CalledProcessError(1, ["bench_op.py"])
+        return {"rows": [{"t": 65536, "batch": 1, "mode": "fwd", "ms": 5.0}]}
+    monkeypatch.setattr(ab_op, "run_bench", run_bench)
+    out = tmp_path / "ab.json"
+    ab_op.main(["--other", str(broken), "--repeats", "2", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert len(written["runs"]["this"]) == 2 and written["runs"]["broken"] == []
+    assert written["failed"] == {"broken": "run 1: bench_op.py exit status 1"}
+    assert written["cases"][0]["ms"] == {"this": 5.0}
+    printed = capsys.readouterr().out
+    assert "broken failed" in printed and "broken: failed, run 1" in printed

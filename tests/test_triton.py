@@ -66,6 +66,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
 }
 
 gpu = pytest.mark.gpu
+alone = pytest.mark.alone   # scripts/gpu.sh runs these one at a time, after the others
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_triton = pytest.mark.skipif(
     __import__("importlib").util.find_spec("triton") is None, reason="needs triton")
@@ -337,6 +338,7 @@ def _check_host_against_reference(dtype, d, deg=2, T=1500):
 
 
 @gpu
+@alone      # the float64 reference's features, 52,360 per token: 57 GiB (run 49)
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
                          ids=["bf16", "fp16", "fp32"])
@@ -394,6 +396,7 @@ def _sampled_reference(q, k, v, log_gate, positions, window):
 
 
 @gpu
+@alone      # 38 and 61 GiB
 @needs_cuda
 @pytest.mark.parametrize("gate_shift, pieces", [(7.0, 4), (0.0, None)],
                          ids=["gates-near-1-in-4-pieces", "fast-decay"])
