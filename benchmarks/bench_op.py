@@ -6,7 +6,9 @@ Standard cases: bf16, 16 heads, d = 64, p = 2 (``--dtype``, ``--head-dim``, ``--
 them), 65,536 tokens per call (batch = 65,536 / t), gated (``logsigmoid(randn + 4)``), modes fwd
 and fwd+bwd; t = 256k and 1M at batch 1 for our kernels only; decode time per token per layer at
 batch 1 and 64. Each timed result is checked against the float64 reference on a slice first.
-Median of ``triton.testing.do_bench``.
+Median of ``triton.testing.do_bench``. The chunk-size timings of each new shape bucket are
+printed as they are taken; with ``POWER_RETENTION_ATTENTION_FORM=1`` calls of sequences up to
+16k may take the attention form (chunk ``attn``, FLOPs counted as causal attention's).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import datetime
 import itertools
 import json
+import logging
 import math
 
 import torch
@@ -77,7 +80,9 @@ def time_retention(batch: int, t: int, mode: str) -> dict:
     q, k, v, g = make(batch, t, requires_grad=mode == "fwd+bwd")
     o = power_retention(q, k, v, g, deg=DEG)       # compiles, autotunes, picks the chunk
     err = check_slice(o, q, k, v, g)
-    chunk = host.pick_chunk_size(q, k, v, g, None, None, None, D_HEAD ** -0.5, deg=DEG)
+    # a call without states may take the attention form (chunk 0, host.ATTENTION)
+    chunk = host.pick_chunk_size(q, k, v, g, None, None, None, D_HEAD ** -0.5, deg=DEG,
+                                 stateless=True, for_backward=mode == "fwd+bwd")
     if mode == "fwd":
         ms = bench(lambda: power_retention(q, k, v, g, deg=DEG))
     else:
@@ -94,7 +99,8 @@ def time_retention(batch: int, t: int, mode: str) -> dict:
             torch.autograd.grad(power_retention(q, k, v, g, deg=DEG), (q, k, v, g), do)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
-    flops = retention_flops(batch * t, chunk, mode)
+    attention = chunk == host.ATTENTION           # then its FLOPs are causal attention's
+    flops = sdpa_flops(batch, t, mode) if attention else retention_flops(batch * t, chunk, mode)
     return {"impl": "power retention (triton)", "t": t, "batch": batch, "mode": mode, "ms": ms,
             "tflops": flops / ms / 1e9, "chunk": chunk, "rel_err_slice": err,
             "peak_gib": peak, "us_per_ktoken": 1e3 * ms / (batch * t / 1024)}
@@ -199,6 +205,8 @@ def kernel_breakdown(t: int = TOKENS) -> list[dict]:
 
 def main() -> None:
     global D_HEAD, DTYPE, DEG
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("power_retention").setLevel(logging.INFO)   # the chunk-size timings
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_op.json")
     parser.add_argument("--seq-lens", default="1024,4096,8192,16384,65536")
@@ -281,7 +289,8 @@ def main() -> None:
         ours = c.get("power retention (triton)")
         err = f"{ours['rel_err_slice']:.1e}" if ours else "-"
         peak = f"  peak {ours['peak_gib']:.1f} GiB" if ours and ours["peak_gib"] else ""
-        print(f"{t:>9} {batch:>5} {mode:>8} | {fmt(ours)} {ours['chunk'] if ours else '':>5} "
+        chunk = "" if not ours else "attn" if ours["chunk"] == host.ATTENTION else ours["chunk"]
+        print(f"{t:>9} {batch:>5} {mode:>8} | {fmt(ours)} {chunk:>5} "
               f"{err:>8} | {fmt(c.get('cuDNN SDPA'))} {fmt(c.get('flash SDPA'))}{peak}")
     print("\nodd lengths: time per 1k tokens against the nearest round length")
     ours = [r for r in rows if r["impl"] == "power retention (triton)"]

@@ -131,6 +131,12 @@ def case_bf16_gqa_state():
     return check_op(2, 37, 4, 2, 16, 8, torch.bfloat16)
 
 
+def case_bf16_no_state():
+    """bf16 products without states: the first tokens' ``-(dy . o)`` must cancel their ``dy .
+    v`` (``prepare_bwd_kernel``; dq 7.8e-2 when dy_z took dy unrounded)."""
+    return check_op(2, 37, 4, 2, 16, 8, torch.bfloat16, with_state=False, final=False)
+
+
 def case_bf16_d128():
     """bf16 inputs at d = 128 run with tf32 products and fp32 chunk states, as fp16 ones do
     (``host._bf16_products``; ``bf16_products`` 1.0 if they did not)."""
@@ -188,6 +194,36 @@ def case_fp32_forward_in_head_halves():
         return check_op(1, 45, 6, 3, 16, 8, torch.float32, cu=[0, 17, 45])
     finally:
         host._head_parts = original
+
+
+def case_attention_fp32_gqa():
+    """The attention form (``host.ATTENTION``: no states in or out), forced: queries and keys
+    in blocks of 16, odd length, GQA."""
+    return check_op(2, 37, 4, 2, 16, 8, torch.float32, with_state=False, final=False, chunk=0)
+
+
+def case_attention_fp16_packed_empty_segment():
+    return check_op(1, 60, 2, 1, 16, 8, torch.float16, with_state=False, final=False,
+                    cu=[0, 20, 20, 53, 60], chunk=0)
+
+
+def case_attention_bf16_gqa():
+    return check_op(2, 37, 4, 2, 16, 8, torch.bfloat16, with_state=False, final=False, chunk=0)
+
+
+def case_attention_fp16_wide_values():
+    """e > 64 in fp16: the attention form keeps ``o_low`` as the chunked one does."""
+    return check_op(1, 23, 2, 1, 16, 72, torch.float16, with_state=False, final=False, chunk=0)
+
+
+def case_attention_fp32_ungated_d32_e24():
+    return check_op(1, 50, 2, 2, 32, 24, torch.float32, gated=False, with_state=False,
+                    final=False, chunk=0)
+
+
+def case_attention_deg4_fp32():
+    return check_op(1, 37, 2, 1, 16, 8, torch.float32, deg=4, with_state=False, final=False,
+                    chunk=0)
 
 
 def case_deg4_fp32_gqa_state():

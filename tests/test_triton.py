@@ -35,6 +35,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "fp32_gqa_state": torch.float32,
     "fp16_gqa_state": torch.float16,
     "bf16_gqa_state": torch.bfloat16,
+    "bf16_no_state": torch.bfloat16,
     "bf16_d128": torch.bfloat16,
     "fp32_ungated_d32_e24": torch.float32,
     "fp16_d32": torch.float16,
@@ -45,6 +46,12 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "fp32_packed_no_state": torch.float32,
     "fp32_packed_no_final_state": torch.float32,
     "fp32_forward_in_head_halves": torch.float32,
+    "attention_fp32_gqa": torch.float32,
+    "attention_fp16_packed_empty_segment": torch.float16,
+    "attention_bf16_gqa": torch.bfloat16,
+    "attention_fp16_wide_values": torch.float16,
+    "attention_fp32_ungated_d32_e24": torch.float32,
+    "attention_deg4_fp32": torch.float32,
     "deg4_fp32_gqa_state": torch.float32,
     "deg4_fp16_packed": torch.float16,
     "deg4_fp16_near_orthogonal": torch.float16,
@@ -348,6 +355,49 @@ def test_gpu_deg4_forward_backward_match_reference(dtype):
     (3.2e-2, runs 46-47, where fp32 arithmetic gave 5.4e-5 on the same inputs): 16-bit inputs
     now take three (``host._precision``)."""
     _check_host_against_reference(dtype, 32, deg=4, T=700)
+
+
+def test_attention_form_takes_no_states():
+    """The attention form (chunk size ``host.ATTENTION``) keeps no chunk states: asked for with
+    an initial state or a final state to keep, it says so rather than dropping them."""
+    pytest.importorskip("triton")
+    from power_retention.ops.triton import host
+    q = torch.randn(1, 8, 2, 16)
+    st = make_state(1, 2, 16, 16, seed=0)
+    with pytest.raises(ValueError, match="takes no initial state and keeps no final state"):
+        host.forward(q, q, q, None, st.S, st.z, None, 0.25, host.ATTENTION, False)
+    with pytest.raises(ValueError, match="takes no initial state and keeps no final state"):
+        host.forward(q, q, q, None, None, None, None, 0.25, host.ATTENTION, True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype, d", [pytest.param(torch.bfloat16, 64, id="bf16-d64"),
+                                      pytest.param(torch.float16, 64, id="fp16-d64"),
+                                      pytest.param(torch.bfloat16, 128, id="bf16-d128"),
+                                      pytest.param(torch.float32, 128, id="fp32-d128")])
+def test_gpu_attention_form_matches_reference(dtype, d):
+    """The attention form, forced, at realistic sizes: two sequences of 1,500 tokens packed
+    around one of 37, GQA 8/4, every gradient against float64."""
+    from power_retention.ops.triton import host
+    T, scale = 3037, d ** -0.5
+    cu = torch.tensor([0, 1500, 1537, T], device="cuda", dtype=torch.int32)
+    q, k, v, g = _gpu_inputs(1, T, 8, 4, d, d, dtype, seed=4)
+    o, S, z, den, o_low = host.forward(q, k, v, g, None, None, cu, scale, host.ATTENTION, False)
+    do = torch.randn(o.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(
+        9)).to(dtype)
+    grads = host.backward(do, None, None, q, k, v, g, None, None, cu, o, den, o_low, scale,
+                          host.ATTENTION)
+    ref = [x.double().requires_grad_() for x in (q, k, v, g)]
+    bounds = cu.tolist()
+    ro = torch.cat([attention_reference(*(x[:, s:t] for x in ref))[0]
+                    for s, t in zip(bounds[:-1], bounds[1:])], 1)
+    ro.backward(do.double())
+    errors = {"o": rel_err(o, ro), "final_state_kept": float(S.shape[0] + z.shape[0])}
+    for name, x, r in zip(["dq", "dk", "dv", "dlog_gate"], grads, ref):
+        errors[name] = rel_err(x, r.grad)
+    print(f"\nattention form, {dtype} d={d}: {errors}")
+    assert _within(errors, dtype), errors
 
 
 @gpu

@@ -9,6 +9,7 @@ import bisect
 import contextlib
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -19,6 +20,7 @@ import triton
 from ..naive import _sympow_layout
 from . import kernels
 
+log = logging.getLogger(__name__)   # the chunk-size timings, at level INFO
 BD, KP = 8, 16     # index blocks of 8 (tiles of 64 features), their slices padded to 16 columns
 CHUNK_CANDIDATES = (64, 128)
 SMALL_PROBLEM = 1 << 15      # fewer tokens per call than this take the smallest chunk untimed
@@ -304,24 +306,36 @@ def _largest_chunk(q: torch.Tensor, e: int, deg: int) -> int:
     return max(CHUNK_CANDIDATES) if _bf16_products(q.dtype, q.shape[-1], e, deg) else 64
 
 
-def _chunk(chunk_size, q, k, v, *args, deg: int, for_backward: bool = False) -> int:
-    """An explicit chunk size (a power of two from 16, capped by ``_largest_chunk``) or a
-    tuned one (forward and backward are tuned apart: the backward recomputes its own chunk
-    states, and its kernels hold more per chunk)."""
+def _chunk(chunk_size, q, k, v, *args, deg: int, for_backward: bool = False,
+           stateless: bool = False) -> int:
+    """An explicit chunk size (a power of two from 16, capped by ``_largest_chunk``, or
+    ``ATTENTION``) or a tuned one (forward and backward are tuned apart: the backward
+    recomputes its own chunk states, and its kernels hold more per chunk). ``stateless``: no
+    initial state and no final state kept, the calls the attention form can take."""
+    if chunk_size == ATTENTION:
+        if not stateless:
+            raise ValueError("the attention form (chunk size 0) takes no initial state and "
+                             "keeps no final state")
+        return ATTENTION
     if chunk_size in (16, 32, 64, 128, 256):
         return min(chunk_size, _largest_chunk(q, v.shape[-1], deg))
-    return pick_chunk_size(q, k, v, *args, for_backward=for_backward, deg=deg)
+    return pick_chunk_size(q, k, v, *args, for_backward=for_backward, deg=deg,
+                           stateless=stateless)
 
 
 def forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale: float, chunk_size: int | None = None,
             final_state: bool = True, deg: int = 2):
     """``(o [B,T,Hq,e], S [N,Hk,D,e], z [N,Hk,D], den [B,T,Hq], o_low [B,T,Hq,low])``;
     arguments as ``power_retention``'s, the initial state split into ``S0, z0`` (or None).
-    ``chunk_size`` None picks a tuned one. ``den`` (fp32 denominators) and ``o_low``
+    ``chunk_size`` None picks a tuned one, which may be ``ATTENTION`` (the attention form, for
+    calls without an initial state or a final state kept). ``den`` (fp32 denominators) and ``o_low``
     (``low_width`` columns) let ``backward`` skip the outputs.
     Without ``final_state`` the final state is not kept (``N = 0``). A call whose chunk states
     would not fit the GPU runs in pieces (``_passes``)."""
-    C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale, deg=deg)
+    C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale, deg=deg,
+               stateless=S0 is None and not final_state)
+    if C == ATTENTION:
+        return _attention_forward(q, k, v, log_gate, cu_seqlens, scale, deg)
     passes = _passes(q, k, v, cu_seqlens, C, 1, deg)
     if passes is None:
         return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C, final_state, deg)
@@ -336,7 +350,9 @@ def backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den, o_lo
     states (two sets: the scan and the reverse scan) would not fit the GPU runs in pieces
     (``_passes``)."""
     C = _chunk(chunk_size, q, k, v, log_gate, S0, z0, cu_seqlens, scale, deg=deg,
-               for_backward=True)
+               for_backward=True, stateless=S0 is None and dS_T is None)
+    if C == ATTENTION:
+        return _attention_backward(do, q, k, v, log_gate, cu_seqlens, o, den, o_low, scale, deg)
     passes = _passes(q, k, v, cu_seqlens, C, 2, deg)
     if passes is None:
         return _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
@@ -432,6 +448,108 @@ def _run_backward(do, dS_T, dz_T, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
     shape = lambda x, ref: x.view(ref.shape)  # noqa: E731
     return (shape(dq, q), shape(dk, k), shape(dv, v), dg,
             None if S0 is None else dS0, None if z0 is None else dz0)
+
+
+# ---- the attention form: no chunk states, the whole of each sequence at once ----
+
+ATTENTION = 0                # the "chunk size" that selects it (one chunk as long as the sequence)
+# The automatic choice takes it only where POWER_RETENTION_ATTENTION_FORM=1: its kernels have
+# passed under the interpreter, not yet on a GPU (docs/benchmarks.md, after run 49). Until
+# then only a chunk size of ATTENTION passed to ``forward`` / ``backward`` selects it.
+ATTENTION_MAX_LEN = 16384    # longer sequences always take the chunked form (their cost is t^2)
+ATTENTION_UNTIMED_LEN = 4096  # small calls of sequences up to this long take it untimed: their
+#                               FLOPs, 2 t d per token and head, stay below the state's 4 D e
+ATTENTION_BLOCK = 16 if INTERPRET else 64                  # queries or keys per program step
+attention_fwd = _Launcher(kernels.attention_fwd_kernel, ["BM", "DK", "EP", "DEG", "USE_GATE",
+                                                         "BF16"])
+attention_dq = _Launcher(kernels.attention_dq_kernel, ["BM", "DK", "EP", "DEG", "USE_GATE",
+                                                       "BF16"])
+attention_dkv = _Launcher(kernels.attention_dkv_kernel, ["BM", "DK", "EP", "DEG", "USE_GATE",
+                                                         "BF16", "GROUPS"])
+
+
+def _cumulative_gates(log_gate: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """``[B T, Hk]`` float64: each sequence's inclusive cumulative log-gate."""
+    G = log_gate.double().cumsum(1)
+    if cu_seqlens is not None:                    # B = 1: restart at every sequence's start
+        cu = cu_seqlens.long()
+        flat = G[0]
+        before = torch.cat([flat.new_zeros(1, flat.shape[1]), flat])[cu[:-1]]
+        G = flat - before.repeat_interleave(cu[1:] - cu[:-1], dim=0, output_size=flat.shape[0])
+    return _flat(G.reshape(log_gate.shape))
+
+
+def _suffix_sums(x: torch.Tensor, B: int, T: int, cu_seqlens) -> torch.Tensor:
+    """``x [B T, H]`` summed over each position and the later ones of its sequence."""
+    if cu_seqlens is None:
+        return x.view(B, T, -1).flip(1).cumsum(1).flip(1).reshape(x.shape)
+    cu = cu_seqlens.long()
+    total = torch.cat([x.flip(0).cumsum(0).flip(0), x.new_zeros(1, x.shape[1])])
+    return total[:-1] - total[cu[1:]].repeat_interleave(cu[1:] - cu[:-1], dim=0,
+                                                        output_size=x.shape[0])
+
+
+def _attention_args(q, k, v, log_gate, cu_seqlens, deg):
+    B, T, Hq, d = q.shape
+    e = v.shape[3]
+    lay = _Layout(B, T, cu_seqlens, ATTENTION_BLOCK, q.device)
+    G = None if log_gate is None else _cumulative_gates(log_gate, cu_seqlens)
+    meta = dict(BM=ATTENTION_BLOCK, DK=d, EP=_pow2(e), USE_GATE=G is not None,
+                **_flags(q.dtype, d, e, deg))
+    return lay, _flat(q), _flat(k), _flat(v), G, meta
+
+
+def _attention_forward(q, k, v, log_gate, cu_seqlens, scale: float, deg: int):
+    """``forward``'s outputs by the attention form (no final state: ``N = 0``)."""
+    B, T, Hq, _ = q.shape
+    Hk, e = k.shape[2], v.shape[3]
+    lay, qf, kf, vf, G, meta = _attention_args(q, k, v, log_gate, cu_seqlens, deg)
+    o = _empty(B * T, Hq, e, dtype=q.dtype, device=q.device)
+    o_low = _empty(B * T, Hq, low_width(q.dtype, e), dtype=q.dtype, device=q.device)
+    den = _empty(B * T, Hq, dtype=torch.float32, device=q.device)
+    if lay.n_chunks:
+        attention_fwd[(lay.n_chunks, Hq)](qf, kf, vf, G, o, o_low, den, lay.cu,
+                                          lay.chunk_indices, scale, Hq, Hk, q.shape[3], e,
+                                          BN=ATTENTION_BLOCK, LOW=o_low.shape[-1] > 0, **meta)
+    D = _features(q.shape[3], deg, q.device).D
+    return (o.view(B, T, Hq, e), q.new_empty(0, Hk, D, e, dtype=torch.float32),
+            q.new_empty(0, Hk, D, dtype=torch.float32), den.view(B, T, Hq),
+            o_low.view(B, T, Hq, -1))
+
+
+def _attention_backward(do, q, k, v, log_gate, cu_seqlens, o, den, o_low, scale: float,
+                        deg: int):
+    """``backward``'s gradients by the attention form (no states in or out). The gate's:
+    ``dL/dG_t`` is the sum of ``dw w`` over the weights of query ``t`` less that over the
+    weights of key ``t`` (``attention_dq_kernel``, ``attention_dkv_kernel``), and ``dL/dlog
+    g_t`` the sum of ``dL/dG`` over ``t`` and the later positions, taken in float64."""
+    B, T, Hq, d = q.shape
+    Hk, e = k.shape[2], v.shape[3]
+    lay, qf, kf, vf, G, meta = _attention_args(q, k, v, log_gate, cu_seqlens, deg)
+    Ttot = B * T
+    dy = _empty(Ttot, Hq, e, dtype=torch.bfloat16 if meta["BF16"] else torch.float32,
+                device=q.device)
+    dyz = _empty(Ttot, Hq, dtype=torch.float32, device=q.device)
+    dq, dk, dv = (_empty(*x.shape, dtype=q.dtype, device=q.device) for x in (qf, kf, vf))
+    dg_q = _empty(Ttot if G is not None else 0, Hq, dtype=torch.float32, device=q.device)
+    dg_k = _empty(Ttot if G is not None else 0, Hk, dtype=torch.float32, device=q.device)
+    if Ttot:
+        BT = 64
+        kernels.prepare_bwd_kernel[(triton.cdiv(Ttot, BT), Hq)](
+            _flat(o), _flat(o_low), _flat(do), den.reshape(Ttot, Hq), dy, dyz, Ttot, Hq, e,
+            BT=BT, EP=meta["EP"], LOW=o_low.shape[-1] > 0, BF16=meta["BF16"],
+            PREC=meta["PREC"])
+    if lay.n_chunks:
+        args = (lay.cu, lay.chunk_indices, scale, Hq, Hk, d, e)
+        attention_dq[(lay.n_chunks, Hq)](qf, kf, vf, G, dy, dyz, dq, dg_q, *args,
+                                         BN=ATTENTION_BLOCK, **meta)
+        attention_dkv[(lay.n_chunks, Hk)](qf, kf, vf, G, dy, dyz, dk, dv, dg_k, *args,
+                                          GROUPS=Hq // Hk, BN=ATTENTION_BLOCK, **meta)
+    dg = None
+    if G is not None:
+        dG = dg_q.view(Ttot, Hk, Hq // Hk).double().sum(-1) - dg_k.double()
+        dg = _suffix_sums(dG, B, T, cu_seqlens).view(B, T, Hk).to(log_gate.dtype)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg, None, None
 
 
 # ---- calls too large for the GPU's memory: pieces of the token range, the state carried ----
@@ -705,21 +823,35 @@ def _bucket(q, k, v, log_gate, cu_seqlens, deg: int) -> str:
             f"|tok2^{max(tokens, 1).bit_length()}|seq2^{per_seq.bit_length()}")
 
 
+def _longest(q: torch.Tensor, cu_seqlens) -> int:
+    """The longest sequence of a call (packed ones read back from the GPU)."""
+    if cu_seqlens is None:
+        return q.shape[1]
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
 def pick_chunk_size(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
-                    for_backward: bool = False, deg: int = 2) -> int:
-    """Chunk size for this shape: the fastest forward (or backward) of ``CHUNK_CANDIDATES`` on
-    this GPU, measured on the first call of each shape bucket and remembered on disk."""
+                    for_backward: bool = False, deg: int = 2, stateless: bool = False) -> int:
+    """Chunk size for this shape: the fastest forward (or backward) of ``CHUNK_CANDIDATES``,
+    and of the attention form (``ATTENTION``) for ``stateless`` calls of sequences up to
+    ``ATTENTION_MAX_LEN`` where ``POWER_RETENTION_ATTENTION_FORM=1``, on this GPU, measured on
+    the first call of each shape bucket and remembered on disk."""
     global _chunk_cache
     if not q.is_cuda:
         return 16                                  # interpreter: small and many chunks
-    if q.shape[0] * q.shape[1] < SMALL_PROBLEM:
-        return CHUNK_CANDIDATES[0]                 # launch-bound: not worth a timing sweep
+    attention = (stateless and os.environ.get("POWER_RETENTION_ATTENTION_FORM") == "1"
+                 and _longest(q, cu_seqlens) <= ATTENTION_MAX_LEN)
+    if q.shape[0] * q.shape[1] < SMALL_PROBLEM:    # launch-bound: not worth a timing sweep
+        if attention and _longest(q, cu_seqlens) <= ATTENTION_UNTIMED_LEN:
+            return ATTENTION                       # one kernel (three backward), fewer FLOPs
+        return CHUNK_CANDIDATES[0]
     if _chunk_cache is None:
         try:
             _chunk_cache = json.loads(_cache_path().read_text())
         except (OSError, ValueError):
             _chunk_cache = {}
-    key = _bucket(q, k, v, log_gate, cu_seqlens, deg) + ("|backward" if for_backward else "")
+    key = (_bucket(q, k, v, log_gate, cu_seqlens, deg) + ("|backward" if for_backward else "")
+           + ("|stateless" if attention else ""))
     if key not in _chunk_cache:
         # the chunk states of forward and backward take 2 * chunks * Hk * NT * F * e elements:
         # candidates whose buffers would pass a quarter of the GPU are not tried
@@ -731,22 +863,33 @@ def pick_chunk_size(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
         fits = [C for C in CHUNK_CANDIDATES if 2 * per_chunk * (B * T / C + B) <= budget
                 and C <= largest]
         # none fits: the largest (the call then runs in pieces); one: nothing to time
-        times = {fits[0] if fits else min(max(CHUNK_CANDIDATES), largest): 0.0}
-        if len(fits) > 1:
+        candidates = list(fits or [min(max(CHUNK_CANDIDATES), largest)])
+        candidates += [ATTENTION] if attention else []
+        times = {candidates[0]: 0.0}
+        if len(candidates) > 1:
             times = {}
             if for_backward:
                 with torch.no_grad():
                     o, S, z, den, o_low = _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens,
-                                                       scale, fits[0], True, deg)
+                                                       scale, candidates[0], True, deg)
                 do, dS, dz = torch.ones_like(o), torch.zeros_like(S), torch.zeros_like(z)
-        for C in fits if len(fits) > 1 else ():
+                if attention:                      # the call keeps no final state
+                    dS = dz = None
+        for C in candidates if len(candidates) > 1 else ():
             def run(C=C):
                 if for_backward:
                     return backward(do, dS, dz, q, k, v, log_gate, S0, z0, cu_seqlens, o, den,
                                     o_low, scale, C, deg)
-                return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C, True, deg)
+                if C == ATTENTION:
+                    return _attention_forward(q, k, v, log_gate, cu_seqlens, scale, deg)
+                return _run_forward(q, k, v, log_gate, S0, z0, cu_seqlens, scale, C,
+                                    not attention, deg)
             times[C] = triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median")
         _chunk_cache[key] = min(times, key=times.get)
+        if len(times) > 1:
+            log.info("%s: %s", key, ", ".join(
+                f"{'attention form' if C == ATTENTION else f'chunk {C}'} {ms:.3f} ms"
+                for C, ms in times.items()))
         try:
             path = _cache_path()
             path.parent.mkdir(parents=True, exist_ok=True)

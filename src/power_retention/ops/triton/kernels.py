@@ -557,6 +557,12 @@ def prepare_bwd_kernel(o, o_low, do, den, dy, dyz, T, Hq, e,
     zero = dd == 0
     inv = 1.0 / tl.where(zero, 1.0, dd)
     dyv = _operand(gg.to(tl.float32) * inv[:, None], BF16, PREC)
+    if BF16:
+        # the bf16 products read dy rounded: so does dy_z, whose -(dy . o) then cancels their
+        # dy . v where the two are equal (o_0 = v_0 for a first token). Under the interpreter,
+        # bf16 without states (2 x 37 tokens, GQA): dq 7.8e-2 -> 7.2e-3, dk 8.6e-2 -> 7.4e-3;
+        # with states (bf16_gqa_state) dq 8.3e-3 -> 6.0e-3, dz0 8.4e-3 -> 6.5e-3
+        dyv = _round_bf16(dyv)
     tl.store(dy + at, dyv.to(dy.dtype.element_ty), mask=m)
     tl.store(dyz + t * Hq + i_hq, tl.where(zero, 0.0, -tl.sum(oo * dyv, axis=1)), mask=mt)
 
@@ -862,3 +868,239 @@ def decode_finish_kernel(part, o, e, NT: tl.constexpr, NTP: tl.constexpr, EP: tl
     den = tl.where(den == 0, 1.0, den)
     tl.store(o + i * e + re, (num / den).to(o.dtype.element_ty), mask=re < e)
 
+
+
+# ---- the attention form: short sequences without states in or out ----
+#
+# w_ij = (s q_i.k_j)^DEG exp(G_i - G_j), j <= i, o_i = sum_j w_ij v_j / sum_j w_ij, in blocks of
+# queries against blocks of keys as flash attention does (no running maximum: every weight is
+# >= 0 and bounded by the scores). Its cost grows with the length, the chunked form's does not:
+# it is taken where it is faster (``host._attention_form``). ``G`` is the inclusive cumulative
+# log-gate of each sequence in float64, so that the differences of two far-apart positions keep
+# their digits; each block subtracts it from a reference position of its own in float64 and
+# takes the rest in fp32.
+
+
+@triton.jit
+def _block_gates(G, t, mt, i_h, Hk, ref, USE_GATE: tl.constexpr, B: tl.constexpr):
+    """``G_t - G_ref`` (fp32, ``[B]``) for positions ``t``; zeros without gates."""
+    if USE_GATE:
+        return (tl.load(G + t * Hk + i_h, mask=mt, other=0.0) - ref).to(tl.float32)
+    return tl.zeros([B], tl.float32)
+
+
+@triton.jit
+def _block_ref(G, t0, i_h, Hk, USE_GATE: tl.constexpr):
+    if USE_GATE:
+        return tl.load(G + t0 * Hk + i_h)
+    return 0.0
+
+
+@triton.jit
+def _attention_fwd_step(qq, gq, tq, start, k, v, G, ref, i_h, Hk, d, e, eos, rd, re, me, scale,
+                        num, den, BN: tl.constexpr, DEG: tl.constexpr, USE_GATE: tl.constexpr,
+                        BF16: tl.constexpr, PREC: tl.constexpr):
+    """The queries ``tq`` against the keys ``start ..``: numerators and denominators added."""
+    tk = start + tl.arange(0, BN)
+    mk = tk < eos
+    kk = tl.load(k + (tk[:, None] * Hk + i_h) * d + rd[None, :], mask=mk[:, None], other=0.0)
+    vv = tl.load(v + (tk[:, None] * Hk + i_h) * e + re[None, :],
+                 mask=mk[:, None] & me[None, :], other=0.0)
+    gk = _block_gates(G, tk, mk, i_h, Hk, ref, USE_GATE, BN)
+    s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale                         # [BM, BN]
+    keep = (tq[:, None] >= tk[None, :]) & mk[None, :]
+    w = tl.where(keep, _pow(s, DEG) * tl.exp(gq[:, None] - gk[None, :]), 0.0)
+    w = _operand(w, BF16, PREC)             # the denominator sums the weights the product reads
+    return num + _dot(w, vv, BF16, PREC, "y"), den + tl.sum(w, axis=1)
+
+
+@triton.jit
+def attention_fwd_kernel(q, k, v, G, o, o_low, den_out, cu_seqlens, block_indices, scale,
+                         Hq, Hk, d, e, BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr,
+                         EP: tl.constexpr, DEG: tl.constexpr, USE_GATE: tl.constexpr,
+                         LOW: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+    """Outputs of one (block of ``BM`` queries, query head), its keys ``BN`` at a time; also
+    the denominators and, with ``LOW``, what rounding the output left out (as
+    ``output_fwd_kernel``)."""
+    i_b, i_hq = tl.program_id(0), tl.program_id(1)
+    i_h = i_hq // (Hq // Hk)
+    i_n = tl.load(block_indices + 2 * i_b).to(tl.int64)
+    j = tl.load(block_indices + 2 * i_b + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + j * BM
+    tq = t0 + tl.arange(0, BM)
+    mq = tq < eos
+    rd = tl.arange(0, DK)
+    re = tl.arange(0, EP)
+    me = re < e
+    qq = tl.load(q + (tq[:, None] * Hq + i_hq) * d + rd[None, :], mask=mq[:, None], other=0.0)
+    ref = _block_ref(G, t0, i_h, Hk, USE_GATE)
+    gq = _block_gates(G, tq, mq, i_h, Hk, ref, USE_GATE, BM)
+    num = tl.zeros([BM, EP], tl.float32)
+    den = tl.zeros([BM], tl.float32)
+    end = tl.minimum(eos, t0 + BM)
+    if INTERPRET:                 # the interpreter cannot range() over a loaded bound
+        start = bos
+        while start < end:
+            num, den = _attention_fwd_step(qq, gq, tq, start, k, v, G, ref, i_h, Hk, d, e, eos,
+                                           rd, re, me, scale, num, den, BN, DEG, USE_GATE, BF16,
+                                           PREC)
+            start += BN
+    else:                         # compiled: a for loop, which Triton software-pipelines
+        for start in range(bos, end, BN):
+            num, den = _attention_fwd_step(qq, gq, tq, start, k, v, G, ref, i_h, Hk, d, e, eos,
+                                           rd, re, me, scale, num, den, BN, DEG, USE_GATE, BF16,
+                                           PREC)
+    out = num / tl.where(den == 0, 1.0, den)[:, None]
+    high = out.to(o.dtype.element_ty)
+    at = (tq[:, None] * Hq + i_hq) * e + re[None, :]
+    tl.store(o + at, high, mask=mq[:, None] & me[None, :])
+    if LOW:
+        tl.store(o_low + at, (out - high.to(tl.float32)).to(o_low.dtype.element_ty),
+                 mask=mq[:, None] & me[None, :])
+    tl.store(den_out + tq * Hq + i_hq, den, mask=mq)
+
+
+@triton.jit
+def _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, ref, i_h, Hk, d, e, eos, rd, re,
+                       me, scale, grad, rows, BN: tl.constexpr, DEG: tl.constexpr,
+                       USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+    """The queries ``tq`` against the keys ``start ..``: ``dq / scale`` and the gate's row sums
+    added."""
+    tk = start + tl.arange(0, BN)
+    mk = tk < eos
+    kk = tl.load(k + (tk[:, None] * Hk + i_h) * d + rd[None, :], mask=mk[:, None], other=0.0)
+    vv = tl.load(v + (tk[:, None] * Hk + i_h) * e + re[None, :],
+                 mask=mk[:, None] & me[None, :], other=0.0)
+    gk = _block_gates(G, tk, mk, i_h, Hk, ref, USE_GATE, BN)
+    s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale
+    keep = (tq[:, None] >= tk[None, :]) & mk[None, :]
+    decay = tl.where(keep, tl.exp(gq[:, None] - gk[None, :]), 0.0)
+    dw = _dot(dyv, tl.trans(vv), BF16, PREC, "y") + dy1[:, None]
+    grad += _dot(dw * decay * DEG * _pow(s, DEG - 1), kk, BF16, PREC, "y")
+    if USE_GATE:
+        rows += tl.sum(dw * _pow(s, DEG) * decay, axis=1)
+    return grad, rows
+
+
+@triton.jit
+def attention_dq_kernel(q, k, v, G, dy, dyz, dq, dg_q, cu_seqlens, block_indices, scale, Hq,
+                        Hk, d, e, BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr,
+                        EP: tl.constexpr, DEG: tl.constexpr, USE_GATE: tl.constexpr,
+                        BF16: tl.constexpr, PREC: tl.constexpr):
+    """Gradient of ``q`` for one (block of queries, query head), with ``dy, dyz`` from
+    ``prepare_bwd_kernel`` (``dL/dw_ij = dy_i . v_j + dyz_i``), and each query's part of the
+    gate gradient, ``sum_j dw_ij w_ij`` (``dL/dG_i`` through its weights as the query)."""
+    i_b, i_hq = tl.program_id(0), tl.program_id(1)
+    i_h = i_hq // (Hq // Hk)
+    i_n = tl.load(block_indices + 2 * i_b).to(tl.int64)
+    j = tl.load(block_indices + 2 * i_b + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + j * BM
+    tq = t0 + tl.arange(0, BM)
+    mq = tq < eos
+    rd = tl.arange(0, DK)
+    re = tl.arange(0, EP)
+    me = re < e
+    qq = tl.load(q + (tq[:, None] * Hq + i_hq) * d + rd[None, :], mask=mq[:, None], other=0.0)
+    dyv = tl.load(dy + (tq[:, None] * Hq + i_hq) * e + re[None, :],
+                  mask=mq[:, None] & me[None, :], other=0.0)
+    dy1 = tl.load(dyz + tq * Hq + i_hq, mask=mq, other=0.0)
+    ref = _block_ref(G, t0, i_h, Hk, USE_GATE)
+    gq = _block_gates(G, tq, mq, i_h, Hk, ref, USE_GATE, BM)
+    grad = tl.zeros([BM, DK], tl.float32)
+    rows = tl.zeros([BM], tl.float32)
+    end = tl.minimum(eos, t0 + BM)
+    if INTERPRET:
+        start = bos
+        while start < end:
+            grad, rows = _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, ref, i_h, Hk,
+                                            d, e, eos, rd, re, me, scale, grad, rows, BN, DEG,
+                                            USE_GATE, BF16, PREC)
+            start += BN
+    else:
+        for start in range(bos, end, BN):
+            grad, rows = _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, ref, i_h, Hk,
+                                            d, e, eos, rd, re, me, scale, grad, rows, BN, DEG,
+                                            USE_GATE, BF16, PREC)
+    tl.store(dq + (tq[:, None] * Hq + i_hq) * d + rd[None, :],
+             (grad * scale).to(dq.dtype.element_ty), mask=mq[:, None])
+    if USE_GATE:
+        tl.store(dg_q + tq * Hq + i_hq, rows, mask=mq)
+
+
+@triton.jit
+def _attention_dkv_step(kk, vv, gk, tk, start, q, dy, dyz, G, ref, i_hq, i_h, Hq, Hk, d, e,
+                        eos, rd, re, me, scale, grad_k, grad_v, cols, BM: tl.constexpr,
+                        DEG: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
+                        PREC: tl.constexpr):
+    """The keys ``tk`` against the queries ``start ..`` of query head ``i_hq``: ``dk /
+    scale``, ``dv`` and the gate's column sums added."""
+    tq = start + tl.arange(0, BM)
+    mq = tq < eos
+    qq = tl.load(q + (tq[:, None] * Hq + i_hq) * d + rd[None, :], mask=mq[:, None], other=0.0)
+    dyv = tl.load(dy + (tq[:, None] * Hq + i_hq) * e + re[None, :],
+                  mask=mq[:, None] & me[None, :], other=0.0)
+    dy1 = tl.load(dyz + tq * Hq + i_hq, mask=mq, other=0.0)
+    gq = _block_gates(G, tq, mq, i_h, Hk, ref, USE_GATE, BM)
+    s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale                         # [BM, BN]
+    keep = (tq[:, None] >= tk[None, :]) & mq[:, None]
+    decay = tl.where(keep, tl.exp(gq[:, None] - gk[None, :]), 0.0)
+    w = _pow(s, DEG) * decay
+    grad_v += _dot(tl.trans(w), dyv, BF16, PREC)
+    dw = _dot(dyv, tl.trans(vv), BF16, PREC, "y") + dy1[:, None]
+    grad_k += _dot(tl.trans(dw * decay * DEG * _pow(s, DEG - 1)), qq, BF16, PREC, "y")
+    if USE_GATE:
+        cols += tl.sum(dw * w, axis=0)
+    return grad_k, grad_v, cols
+
+
+@triton.jit
+def attention_dkv_kernel(q, k, v, G, dy, dyz, dk, dv, dg_k, cu_seqlens, block_indices, scale,
+                         Hq, Hk, d, e, GROUPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         DK: tl.constexpr, EP: tl.constexpr, DEG: tl.constexpr,
+                         USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
+    """Gradients of ``k`` and ``v`` for one (block of ``BN`` keys, KV head), summed over its
+    query heads, the queries ``BM`` at a time; and each key's part of the gate gradient,
+    ``sum_i dw_ij w_ij`` (``-dL/dG_j`` through its weights as the key)."""
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(block_indices + 2 * i_b).to(tl.int64)
+    j = tl.load(block_indices + 2 * i_b + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + j * BN
+    tk = t0 + tl.arange(0, BN)
+    mk = tk < eos
+    rd = tl.arange(0, DK)
+    re = tl.arange(0, EP)
+    me = re < e
+    kk = tl.load(k + (tk[:, None] * Hk + i_h) * d + rd[None, :], mask=mk[:, None], other=0.0)
+    vv = tl.load(v + (tk[:, None] * Hk + i_h) * e + re[None, :],
+                 mask=mk[:, None] & me[None, :], other=0.0)
+    ref = _block_ref(G, t0, i_h, Hk, USE_GATE)
+    gk = _block_gates(G, tk, mk, i_h, Hk, ref, USE_GATE, BN)
+    grad_k = tl.zeros([BN, DK], tl.float32)
+    grad_v = tl.zeros([BN, EP], tl.float32)
+    cols = tl.zeros([BN], tl.float32)
+    for r in range(GROUPS):
+        i_hq = i_h * GROUPS + r
+        if INTERPRET:
+            start = t0
+            while start < eos:
+                grad_k, grad_v, cols = _attention_dkv_step(
+                    kk, vv, gk, tk, start, q, dy, dyz, G, ref, i_hq, i_h, Hq, Hk, d, e, eos, rd,
+                    re, me, scale, grad_k, grad_v, cols, BM, DEG, USE_GATE, BF16, PREC)
+                start += BM
+        else:
+            for start in range(t0, eos, BM):
+                grad_k, grad_v, cols = _attention_dkv_step(
+                    kk, vv, gk, tk, start, q, dy, dyz, G, ref, i_hq, i_h, Hq, Hk, d, e, eos, rd,
+                    re, me, scale, grad_k, grad_v, cols, BM, DEG, USE_GATE, BF16, PREC)
+    tl.store(dk + (tk[:, None] * Hk + i_h) * d + rd[None, :],
+             (grad_k * scale).to(dk.dtype.element_ty), mask=mk[:, None])
+    tl.store(dv + (tk[:, None] * Hk + i_h) * e + re[None, :], grad_v.to(dv.dtype.element_ty),
+             mask=mk[:, None] & me[None, :])
+    if USE_GATE:
+        tl.store(dg_k + tk * Hk + i_h, cols, mask=mk)
