@@ -357,6 +357,31 @@ def test_gpu_deg4_forward_backward_match_reference(dtype):
     _check_host_against_reference(dtype, 32, deg=4, T=700)
 
 
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=5), heads=st.integers(1, 3),
+       packed=st.booleans())
+def test_attention_form_gate_sums_restart_at_every_sequence(lengths, heads, packed):
+    """``host._cumulative_gates`` (inclusive, per sequence) and ``host._suffix_sums`` (the
+    position and those after it, per sequence), packed or as a batch, against loops."""
+    pytest.importorskip("triton")
+    from power_retention.ops.triton import host
+    if not packed:
+        lengths = [max(lengths)] * len(lengths)           # a batch: equal lengths
+    gen = torch.Generator().manual_seed(sum(lengths) + heads)
+    x = torch.randn(sum(lengths), heads, generator=gen, dtype=torch.float64)
+    bounds = torch.tensor([0, *lengths]).cumsum(0)
+    if packed:
+        cu, B, T, g = bounds.to(torch.int32), 1, x.shape[0], x[None]
+    else:
+        cu, B, T, g = None, len(lengths), lengths[0], x.view(len(lengths), lengths[0], heads)
+    G = host._cumulative_gates(g, cu)
+    after = host._suffix_sums(x, B, T, cu)
+    for s, t in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        for i in range(s, t):
+            assert torch.allclose(G[i], x[s:i + 1].sum(0))
+            assert torch.allclose(after[i], x[i:t].sum(0))
+
+
 def test_attention_form_takes_no_states():
     """The attention form (chunk size ``host.ATTENTION``) keeps no chunk states: asked for with
     an initial state or a final state to keep, it says so rather than dropping them."""
@@ -368,6 +393,19 @@ def test_attention_form_takes_no_states():
         host.forward(q, q, q, None, st.S, st.z, None, 0.25, host.ATTENTION, False)
     with pytest.raises(ValueError, match="takes no initial state and keeps no final state"):
         host.forward(q, q, q, None, None, None, None, 0.25, host.ATTENTION, True)
+
+
+def test_attention_form_of_no_tokens():
+    """A batch of empty sequences launches nothing and returns empty outputs and gradients."""
+    pytest.importorskip("triton")
+    from power_retention.ops.triton import host
+    q, g = torch.randn(2, 0, 2, 16), torch.zeros(2, 0, 1)
+    o, S, z, den, o_low = host.forward(q, q[:, :, :1], q[:, :, :1], g, None, None, None, 0.25,
+                                       host.ATTENTION, False)
+    assert o.shape == (2, 0, 2, 16) and S.shape[0] == 0 and den.shape == (2, 0, 2)
+    grads = host.backward(o, None, None, q, q[:, :, :1], q[:, :, :1], g, None, None, None, o, den,
+                          o_low, 0.25, host.ATTENTION)
+    assert [x.shape for x in grads[:4]] == [q.shape, (2, 0, 1, 16), (2, 0, 1, 16), g.shape]
 
 
 @gpu

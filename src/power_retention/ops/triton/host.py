@@ -482,7 +482,7 @@ def _cumulative_gates(log_gate: torch.Tensor, cu_seqlens) -> torch.Tensor:
 def _suffix_sums(x: torch.Tensor, B: int, T: int, cu_seqlens) -> torch.Tensor:
     """``x [B T, H]`` summed over each position and the later ones of its sequence."""
     if cu_seqlens is None:
-        return x.view(B, T, -1).flip(1).cumsum(1).flip(1).reshape(x.shape)
+        return x.view(B, T, x.shape[1]).flip(1).cumsum(1).flip(1).reshape(x.shape)
     cu = cu_seqlens.long()
     total = torch.cat([x.flip(0).cumsum(0).flip(0), x.new_zeros(1, x.shape[1])])
     return total[:-1] - total[cu[1:]].repeat_interleave(cu[1:] - cu[:-1], dim=0,
@@ -514,7 +514,7 @@ def _attention_forward(q, k, v, log_gate, cu_seqlens, scale: float, deg: int):
     D = _features(q.shape[3], deg, q.device).D
     return (o.view(B, T, Hq, e), q.new_empty(0, Hk, D, e, dtype=torch.float32),
             q.new_empty(0, Hk, D, dtype=torch.float32), den.view(B, T, Hq),
-            o_low.view(B, T, Hq, -1))
+            o_low.view(B, T, Hq, o_low.shape[-1]))
 
 
 def _attention_backward(do, q, k, v, log_gate, cu_seqlens, o, den, o_low, scale: float,
