@@ -45,7 +45,7 @@ TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 INTS = {"Hk", "Hq", "Hx", "h0", "HS", "hq0", "d", "e", "D", "SEQS", "L", "T", "held", "cap",
         "H", "N", "M"}
 INDEX = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_indices": "*i32",
-         "counters": "*i32", "index": "*i32"}
+         "block_indices": "*i32", "counters": "*i32", "index": "*i32"}
 INPUTS = {"q", "k", "v", "x", "o", "o_low", "do", "dq", "dk", "dv", "bk", "bv", "q_out", "k_out",
           "cos", "sin", "res", "w", "out", "total", "gate", "up", "wq", "wk", "wv", "wg", "wu",
           "bq", "bu", "bias"}
@@ -65,6 +65,8 @@ def signature(fn, dtype: torch.dtype, constexprs: dict, states: torch.dtype) -> 
             sig[name] = "fp32"
         elif name in INDEX:
             sig[name] = INDEX[name]
+        elif name == "G":                           # the attention form's cumulative gates
+            sig[name] = "*fp64"
         elif name in INPUTS or (name == "y" and not constexprs.get("REVERSE")):
             sig[name] = "*" + TRITON_TYPES[dtype]    # the forward scan's y is v
         elif name in ("states", "dstates", "dy") or (name == "y" and constexprs.get("REVERSE")):
@@ -149,6 +151,12 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks, deg: int):
         yield kernels.dkv_kernel, dict(C=C, EP=EP, GROUPS=1, **tiling, **flags)
     yield kernels.prepare_bwd_kernel, dict(BT=64, EP=EP, LOW=low, BF16=flags["BF16"],
                                            PREC=flags["PREC"])
+    # the attention form: blocks of queries (keys for dkv), the other side a step at a time
+    block, step = host._attention_blocks(dtype, d, e)
+    attention = dict(DK=d, EP=EP, **flags)
+    yield kernels.attention_fwd_kernel, dict(BM=block, BN=step, LOW=low, **attention)
+    yield kernels.attention_dq_kernel, dict(BM=block, BN=step, **attention)
+    yield kernels.attention_dkv_kernel, dict(BM=step, BN=block, GROUPS=1, **attention)
     precision = "ieee" if dtype == torch.float32 else "tf32"
     tables = {} if deg != 2 else dict(index=None, coefs=None)
     for R in (64, 32) if e <= 64 else (32,):                # as host.decode_into picks

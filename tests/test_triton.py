@@ -122,6 +122,7 @@ def test_kernels_compile_for_hopper(dtype, deg, d):
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
     assert {row[0] for row in rows} == {
         "scan_kernel", "output_fwd_kernel", "dq_kernel", "dkv_kernel",
+        "attention_fwd_kernel", "attention_dq_kernel", "attention_dkv_kernel",
         "prepare_bwd_kernel", "decode_kernel", "decode_finish_kernel", "_rms_norm_kernel",
         "_silu_mul_kernel", "_log_sigmoid_kernel", "_rope_kernel", "_qkv_kernel",
         "_gate_up_kernel", "_linear_kernel"}

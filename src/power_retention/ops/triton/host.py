@@ -459,7 +459,21 @@ ATTENTION = 0                # the "chunk size" that selects it (one chunk as lo
 ATTENTION_MAX_LEN = 16384    # longer sequences always take the chunked form (their cost is t^2)
 ATTENTION_UNTIMED_LEN = 4096  # small calls of sequences up to this long take it untimed: their
 #                               FLOPs, 2 t d per token and head, stay below the state's 4 D e
-ATTENTION_BLOCK = 16 if INTERPRET else 64                  # queries or keys per program step
+
+
+def _attention_blocks(dtype: torch.dtype, d: int, e: int) -> tuple[int, int]:
+    """``(block, step)``: programs take blocks of queries (keys for dkv) and step through the
+    other side. Compiled for sm_90 (``benchmarks/kernel_resources.py``, 8 warps): 64 and 32 for
+    16-bit inputs at ``d, e <= 64`` (111-249 registers, no spills; steps of 64 spilled up to 288
+    bytes per thread, blocks of 128 up to 1.6 KB); 32 and 16 for fp32 inputs and wider heads,
+    whose fp32 operands spilled 0.6-6.5 KB at 64 and 32 (fp32 at d = 128 still spills 448
+    bytes in dkv). The interpreter's tests take 32 and 16, so short sequences still span
+    several blocks and steps."""
+    if not INTERPRET and dtype != torch.float32 and max(d, e) <= 64:
+        return 64, 32
+    return 32, 16
+
+
 attention_fwd = _Launcher(kernels.attention_fwd_kernel, ["BM", "DK", "EP", "DEG", "USE_GATE",
                                                          "BF16"])
 attention_dq = _Launcher(kernels.attention_dq_kernel, ["BM", "DK", "EP", "DEG", "USE_GATE",
@@ -492,25 +506,25 @@ def _suffix_sums(x: torch.Tensor, B: int, T: int, cu_seqlens) -> torch.Tensor:
 def _attention_args(q, k, v, log_gate, cu_seqlens, deg):
     B, T, Hq, d = q.shape
     e = v.shape[3]
-    lay = _Layout(B, T, cu_seqlens, ATTENTION_BLOCK, q.device)
+    block, step = _attention_blocks(q.dtype, d, e)
+    lay = _Layout(B, T, cu_seqlens, block, q.device)
     G = None if log_gate is None else _cumulative_gates(log_gate, cu_seqlens)
-    meta = dict(BM=ATTENTION_BLOCK, DK=d, EP=_pow2(e), USE_GATE=G is not None,
-                **_flags(q.dtype, d, e, deg))
-    return lay, _flat(q), _flat(k), _flat(v), G, meta
+    meta = dict(DK=d, EP=_pow2(e), USE_GATE=G is not None, **_flags(q.dtype, d, e, deg))
+    return lay, _flat(q), _flat(k), _flat(v), G, block, step, meta
 
 
 def _attention_forward(q, k, v, log_gate, cu_seqlens, scale: float, deg: int):
     """``forward``'s outputs by the attention form (no final state: ``N = 0``)."""
     B, T, Hq, _ = q.shape
     Hk, e = k.shape[2], v.shape[3]
-    lay, qf, kf, vf, G, meta = _attention_args(q, k, v, log_gate, cu_seqlens, deg)
+    lay, qf, kf, vf, G, block, step, meta = _attention_args(q, k, v, log_gate, cu_seqlens, deg)
     o = _empty(B * T, Hq, e, dtype=q.dtype, device=q.device)
     o_low = _empty(B * T, Hq, low_width(q.dtype, e), dtype=q.dtype, device=q.device)
     den = _empty(B * T, Hq, dtype=torch.float32, device=q.device)
     if lay.n_chunks:
         attention_fwd[(lay.n_chunks, Hq)](qf, kf, vf, G, o, o_low, den, lay.cu,
                                           lay.chunk_indices, scale, Hq, Hk, q.shape[3], e,
-                                          BN=ATTENTION_BLOCK, LOW=o_low.shape[-1] > 0, **meta)
+                                          BM=block, BN=step, LOW=o_low.shape[-1] > 0, **meta)
     D = _features(q.shape[3], deg, q.device).D
     return (o.view(B, T, Hq, e), q.new_empty(0, Hk, D, e, dtype=torch.float32),
             q.new_empty(0, Hk, D, dtype=torch.float32), den.view(B, T, Hq),
@@ -525,7 +539,7 @@ def _attention_backward(do, q, k, v, log_gate, cu_seqlens, o, den, o_low, scale:
     g_t`` the sum of ``dL/dG`` over ``t`` and the later positions, taken in float64."""
     B, T, Hq, d = q.shape
     Hk, e = k.shape[2], v.shape[3]
-    lay, qf, kf, vf, G, meta = _attention_args(q, k, v, log_gate, cu_seqlens, deg)
+    lay, qf, kf, vf, G, block, step, meta = _attention_args(q, k, v, log_gate, cu_seqlens, deg)
     Ttot = B * T
     dy = _empty(Ttot, Hq, e, dtype=torch.bfloat16 if meta["BF16"] else torch.float32,
                 device=q.device)
@@ -542,9 +556,9 @@ def _attention_backward(do, q, k, v, log_gate, cu_seqlens, o, den, o_low, scale:
     if lay.n_chunks:
         args = (lay.cu, lay.chunk_indices, scale, Hq, Hk, d, e)
         attention_dq[(lay.n_chunks, Hq)](qf, kf, vf, G, dy, dyz, dq, dg_q, *args,
-                                         BN=ATTENTION_BLOCK, **meta)
+                                         BM=block, BN=step, **meta)
         attention_dkv[(lay.n_chunks, Hk)](qf, kf, vf, G, dy, dyz, dk, dv, dg_k, *args,
-                                          GROUPS=Hq // Hk, BN=ATTENTION_BLOCK, **meta)
+                                          GROUPS=Hq // Hk, BM=step, BN=block, **meta)
     dg = None
     if G is not None:
         dG = dg_q.view(Ttot, Hk, Hq // Hk).double().sum(-1) - dg_k.double()

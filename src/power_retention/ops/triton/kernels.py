@@ -882,22 +882,17 @@ def decode_finish_kernel(part, o, e, NT: tl.constexpr, NTP: tl.constexpr, EP: tl
 
 
 @triton.jit
-def _block_gates(G, t, mt, i_h, Hk, ref, USE_GATE: tl.constexpr, B: tl.constexpr):
-    """``G_t - G_ref`` (fp32, ``[B]``) for positions ``t``; zeros without gates."""
+def _block_gates(G, t, mt, i_h, Hk, t_ref, USE_GATE: tl.constexpr, B: tl.constexpr):
+    """``G_t - G_ref`` (fp32, ``[B]``) for positions ``t`` against the block's reference
+    position ``t_ref``, the difference taken in float64; zeros without gates."""
     if USE_GATE:
+        ref = tl.load(G + t_ref * Hk + i_h)
         return (tl.load(G + t * Hk + i_h, mask=mt, other=0.0) - ref).to(tl.float32)
     return tl.zeros([B], tl.float32)
 
 
 @triton.jit
-def _block_ref(G, t0, i_h, Hk, USE_GATE: tl.constexpr):
-    if USE_GATE:
-        return tl.load(G + t0 * Hk + i_h)
-    return 0.0
-
-
-@triton.jit
-def _attention_fwd_step(qq, gq, tq, start, k, v, G, ref, i_h, Hk, d, e, eos, rd, re, me, scale,
+def _attention_fwd_step(qq, gq, tq, start, k, v, G, t_ref, i_h, Hk, d, e, eos, rd, re, me, scale,
                         num, den, BN: tl.constexpr, DEG: tl.constexpr, USE_GATE: tl.constexpr,
                         BF16: tl.constexpr, PREC: tl.constexpr):
     """The queries ``tq`` against the keys ``start ..``: numerators and denominators added."""
@@ -906,7 +901,7 @@ def _attention_fwd_step(qq, gq, tq, start, k, v, G, ref, i_h, Hk, d, e, eos, rd,
     kk = tl.load(k + (tk[:, None] * Hk + i_h) * d + rd[None, :], mask=mk[:, None], other=0.0)
     vv = tl.load(v + (tk[:, None] * Hk + i_h) * e + re[None, :],
                  mask=mk[:, None] & me[None, :], other=0.0)
-    gk = _block_gates(G, tk, mk, i_h, Hk, ref, USE_GATE, BN)
+    gk = _block_gates(G, tk, mk, i_h, Hk, t_ref, USE_GATE, BN)
     s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale                         # [BM, BN]
     keep = (tq[:, None] >= tk[None, :]) & mk[None, :]
     w = tl.where(keep, _pow(s, DEG) * tl.exp(gq[:, None] - gk[None, :]), 0.0)
@@ -935,21 +930,20 @@ def attention_fwd_kernel(q, k, v, G, o, o_low, den_out, cu_seqlens, block_indice
     re = tl.arange(0, EP)
     me = re < e
     qq = tl.load(q + (tq[:, None] * Hq + i_hq) * d + rd[None, :], mask=mq[:, None], other=0.0)
-    ref = _block_ref(G, t0, i_h, Hk, USE_GATE)
-    gq = _block_gates(G, tq, mq, i_h, Hk, ref, USE_GATE, BM)
+    gq = _block_gates(G, tq, mq, i_h, Hk, t0, USE_GATE, BM)
     num = tl.zeros([BM, EP], tl.float32)
     den = tl.zeros([BM], tl.float32)
     end = tl.minimum(eos, t0 + BM)
     if INTERPRET:                 # the interpreter cannot range() over a loaded bound
         start = bos
         while start < end:
-            num, den = _attention_fwd_step(qq, gq, tq, start, k, v, G, ref, i_h, Hk, d, e, eos,
+            num, den = _attention_fwd_step(qq, gq, tq, start, k, v, G, t0, i_h, Hk, d, e, eos,
                                            rd, re, me, scale, num, den, BN, DEG, USE_GATE, BF16,
                                            PREC)
             start += BN
     else:                         # compiled: a for loop, which Triton software-pipelines
         for start in range(bos, end, BN):
-            num, den = _attention_fwd_step(qq, gq, tq, start, k, v, G, ref, i_h, Hk, d, e, eos,
+            num, den = _attention_fwd_step(qq, gq, tq, start, k, v, G, t0, i_h, Hk, d, e, eos,
                                            rd, re, me, scale, num, den, BN, DEG, USE_GATE, BF16,
                                            PREC)
     out = num / tl.where(den == 0, 1.0, den)[:, None]
@@ -963,7 +957,7 @@ def attention_fwd_kernel(q, k, v, G, o, o_low, den_out, cu_seqlens, block_indice
 
 
 @triton.jit
-def _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, ref, i_h, Hk, d, e, eos, rd, re,
+def _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, t_ref, i_h, Hk, d, e, eos, rd, re,
                        me, scale, grad, rows, BN: tl.constexpr, DEG: tl.constexpr,
                        USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
     """The queries ``tq`` against the keys ``start ..``: ``dq / scale`` and the gate's row sums
@@ -973,7 +967,7 @@ def _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, ref, i_h, Hk, d, e,
     kk = tl.load(k + (tk[:, None] * Hk + i_h) * d + rd[None, :], mask=mk[:, None], other=0.0)
     vv = tl.load(v + (tk[:, None] * Hk + i_h) * e + re[None, :],
                  mask=mk[:, None] & me[None, :], other=0.0)
-    gk = _block_gates(G, tk, mk, i_h, Hk, ref, USE_GATE, BN)
+    gk = _block_gates(G, tk, mk, i_h, Hk, t_ref, USE_GATE, BN)
     s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale
     keep = (tq[:, None] >= tk[None, :]) & mk[None, :]
     decay = tl.where(keep, tl.exp(gq[:, None] - gk[None, :]), 0.0)
@@ -1008,21 +1002,20 @@ def attention_dq_kernel(q, k, v, G, dy, dyz, dq, dg_q, cu_seqlens, block_indices
     dyv = tl.load(dy + (tq[:, None] * Hq + i_hq) * e + re[None, :],
                   mask=mq[:, None] & me[None, :], other=0.0)
     dy1 = tl.load(dyz + tq * Hq + i_hq, mask=mq, other=0.0)
-    ref = _block_ref(G, t0, i_h, Hk, USE_GATE)
-    gq = _block_gates(G, tq, mq, i_h, Hk, ref, USE_GATE, BM)
+    gq = _block_gates(G, tq, mq, i_h, Hk, t0, USE_GATE, BM)
     grad = tl.zeros([BM, DK], tl.float32)
     rows = tl.zeros([BM], tl.float32)
     end = tl.minimum(eos, t0 + BM)
     if INTERPRET:
         start = bos
         while start < end:
-            grad, rows = _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, ref, i_h, Hk,
+            grad, rows = _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, t0, i_h, Hk,
                                             d, e, eos, rd, re, me, scale, grad, rows, BN, DEG,
                                             USE_GATE, BF16, PREC)
             start += BN
     else:
         for start in range(bos, end, BN):
-            grad, rows = _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, ref, i_h, Hk,
+            grad, rows = _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, t0, i_h, Hk,
                                             d, e, eos, rd, re, me, scale, grad, rows, BN, DEG,
                                             USE_GATE, BF16, PREC)
     tl.store(dq + (tq[:, None] * Hq + i_hq) * d + rd[None, :],
@@ -1032,7 +1025,7 @@ def attention_dq_kernel(q, k, v, G, dy, dyz, dq, dg_q, cu_seqlens, block_indices
 
 
 @triton.jit
-def _attention_dkv_step(kk, vv, gk, tk, start, q, dy, dyz, G, ref, i_hq, i_h, Hq, Hk, d, e,
+def _attention_dkv_step(kk, vv, gk, tk, start, q, dy, dyz, G, t_ref, i_hq, i_h, Hq, Hk, d, e,
                         eos, rd, re, me, scale, grad_k, grad_v, cols, BM: tl.constexpr,
                         DEG: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
                         PREC: tl.constexpr):
@@ -1044,7 +1037,7 @@ def _attention_dkv_step(kk, vv, gk, tk, start, q, dy, dyz, G, ref, i_hq, i_h, Hq
     dyv = tl.load(dy + (tq[:, None] * Hq + i_hq) * e + re[None, :],
                   mask=mq[:, None] & me[None, :], other=0.0)
     dy1 = tl.load(dyz + tq * Hq + i_hq, mask=mq, other=0.0)
-    gq = _block_gates(G, tq, mq, i_h, Hk, ref, USE_GATE, BM)
+    gq = _block_gates(G, tq, mq, i_h, Hk, t_ref, USE_GATE, BM)
     s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale                         # [BM, BN]
     keep = (tq[:, None] >= tk[None, :]) & mq[:, None]
     decay = tl.where(keep, tl.exp(gq[:, None] - gk[None, :]), 0.0)
@@ -1079,8 +1072,7 @@ def attention_dkv_kernel(q, k, v, G, dy, dyz, dk, dv, dg_k, cu_seqlens, block_in
     kk = tl.load(k + (tk[:, None] * Hk + i_h) * d + rd[None, :], mask=mk[:, None], other=0.0)
     vv = tl.load(v + (tk[:, None] * Hk + i_h) * e + re[None, :],
                  mask=mk[:, None] & me[None, :], other=0.0)
-    ref = _block_ref(G, t0, i_h, Hk, USE_GATE)
-    gk = _block_gates(G, tk, mk, i_h, Hk, ref, USE_GATE, BN)
+    gk = _block_gates(G, tk, mk, i_h, Hk, t0, USE_GATE, BN)
     grad_k = tl.zeros([BN, DK], tl.float32)
     grad_v = tl.zeros([BN, EP], tl.float32)
     cols = tl.zeros([BN], tl.float32)
@@ -1090,13 +1082,13 @@ def attention_dkv_kernel(q, k, v, G, dy, dyz, dk, dv, dg_k, cu_seqlens, block_in
             start = t0
             while start < eos:
                 grad_k, grad_v, cols = _attention_dkv_step(
-                    kk, vv, gk, tk, start, q, dy, dyz, G, ref, i_hq, i_h, Hq, Hk, d, e, eos, rd,
+                    kk, vv, gk, tk, start, q, dy, dyz, G, t0, i_hq, i_h, Hq, Hk, d, e, eos, rd,
                     re, me, scale, grad_k, grad_v, cols, BM, DEG, USE_GATE, BF16, PREC)
                 start += BM
         else:
             for start in range(t0, eos, BM):
                 grad_k, grad_v, cols = _attention_dkv_step(
-                    kk, vv, gk, tk, start, q, dy, dyz, G, ref, i_hq, i_h, Hq, Hk, d, e, eos, rd,
+                    kk, vv, gk, tk, start, q, dy, dyz, G, t0, i_hq, i_h, Hq, Hk, d, e, eos, rd,
                     re, me, scale, grad_k, grad_v, cols, BM, DEG, USE_GATE, BF16, PREC)
     tl.store(dk + (tk[:, None] * Hk + i_h) * d + rd[None, :],
              (grad_k * scale).to(dk.dtype.element_ty), mask=mk[:, None])
