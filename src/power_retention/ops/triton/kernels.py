@@ -462,6 +462,20 @@ def scan_kernel(x, y, y1, g, S_in, z_in, states, zstates, S_out, z_out, cu_seqle
 
 
 @triton.jit
+def _store_outputs(o, o_low, den_out, num, den, t, mt, i_hq, Hq, e, re, me, LOW: tl.constexpr):
+    """``o = num / den`` (0 where ``den == 0``) at rows ``t`` in ``o``'s dtype, with ``LOW``
+    what that rounding left out, and the denominators."""
+    out = num / tl.where(den == 0, 1.0, den)[:, None]
+    high = out.to(o.dtype.element_ty)
+    at = (t[:, None] * Hq + i_hq) * e + re[None, :]
+    tl.store(o + at, high, mask=mt[:, None] & me[None, :])
+    if LOW:
+        tl.store(o_low + at, (out - high.to(tl.float32)).to(o_low.dtype.element_ty),
+                 mask=mt[:, None] & me[None, :])
+    tl.store(den_out + t * Hq + i_hq, den, mask=mt)
+
+
+@triton.jit
 def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens,
                       chunk_indices, index, coefs, scale, Hq, Hk, hq0, d, e,
                       C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
@@ -525,14 +539,7 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens
     from_start = tl.exp(gc)
     num += from_start[:, None] * num_s
     den += from_start * den_s
-    out = num / tl.where(den == 0, 1.0, den)[:, None]
-    high = out.to(o.dtype.element_ty)
-    at = (t[:, None] * Hq + i_hq) * e + re[None, :]
-    tl.store(o + at, high, mask=mt[:, None] & me[None, :])
-    if LOW:
-        tl.store(o_low + at, (out - high.to(tl.float32)).to(o_low.dtype.element_ty),
-                 mask=mt[:, None] & me[None, :])
-    tl.store(den_out + t * Hq + i_hq, den, mask=mt)
+    _store_outputs(o, o_low, den_out, num, den, t, mt, i_hq, Hq, e, re, me, LOW)
 
 
 @triton.jit
@@ -892,15 +899,34 @@ def _block_gates(G, t, mt, i_h, Hk, t_ref, USE_GATE: tl.constexpr, B: tl.constex
 
 
 @triton.jit
+def _attention_block(block_indices, cu_seqlens, i_b, B: tl.constexpr):
+    """Block ``i_b`` of ``B`` positions (``block_indices``: its sequence and place in it):
+    ``(start of the sequence, its end, first position, positions [B], which exist)``."""
+    i_n = tl.load(block_indices + 2 * i_b).to(tl.int64)
+    j = tl.load(block_indices + 2 * i_b + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + j * B
+    t = t0 + tl.arange(0, B)
+    return bos, eos, t0, t, t < eos
+
+
+@triton.jit
+def _rows(x, t, mt, head, H, width, cols, mcols):
+    """Rows ``t`` of head ``head`` of ``x [T, H, width]``, columns ``cols``: zero where masked."""
+    return tl.load(x + (t[:, None] * H + head) * width + cols[None, :],
+                   mask=mt[:, None] & mcols[None, :], other=0.0)
+
+
+@triton.jit
 def _attention_fwd_step(qq, gq, tq, start, k, v, G, t_ref, i_h, Hk, d, e, eos, rd, re, me, scale,
                         num, den, BN: tl.constexpr, DEG: tl.constexpr, USE_GATE: tl.constexpr,
                         BF16: tl.constexpr, PREC: tl.constexpr):
     """The queries ``tq`` against the keys ``start ..``: numerators and denominators added."""
     tk = start + tl.arange(0, BN)
     mk = tk < eos
-    kk = tl.load(k + (tk[:, None] * Hk + i_h) * d + rd[None, :], mask=mk[:, None], other=0.0)
-    vv = tl.load(v + (tk[:, None] * Hk + i_h) * e + re[None, :],
-                 mask=mk[:, None] & me[None, :], other=0.0)
+    kk = _rows(k, tk, mk, i_h, Hk, d, rd, rd < d)
+    vv = _rows(v, tk, mk, i_h, Hk, e, re, me)
     gk = _block_gates(G, tk, mk, i_h, Hk, t_ref, USE_GATE, BN)
     s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale                         # [BM, BN]
     keep = (tq[:, None] >= tk[None, :]) & mk[None, :]
@@ -919,17 +945,11 @@ def attention_fwd_kernel(q, k, v, G, o, o_low, den_out, cu_seqlens, block_indice
     ``output_fwd_kernel``)."""
     i_b, i_hq = tl.program_id(0), tl.program_id(1)
     i_h = i_hq // (Hq // Hk)
-    i_n = tl.load(block_indices + 2 * i_b).to(tl.int64)
-    j = tl.load(block_indices + 2 * i_b + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    t0 = bos + j * BM
-    tq = t0 + tl.arange(0, BM)
-    mq = tq < eos
+    bos, eos, t0, tq, mq = _attention_block(block_indices, cu_seqlens, i_b, BM)
     rd = tl.arange(0, DK)
     re = tl.arange(0, EP)
     me = re < e
-    qq = tl.load(q + (tq[:, None] * Hq + i_hq) * d + rd[None, :], mask=mq[:, None], other=0.0)
+    qq = _rows(q, tq, mq, i_hq, Hq, d, rd, rd < d)
     gq = _block_gates(G, tq, mq, i_h, Hk, t0, USE_GATE, BM)
     num = tl.zeros([BM, EP], tl.float32)
     den = tl.zeros([BM], tl.float32)
@@ -946,14 +966,7 @@ def attention_fwd_kernel(q, k, v, G, o, o_low, den_out, cu_seqlens, block_indice
             num, den = _attention_fwd_step(qq, gq, tq, start, k, v, G, t0, i_h, Hk, d, e, eos,
                                            rd, re, me, scale, num, den, BN, DEG, USE_GATE, BF16,
                                            PREC)
-    out = num / tl.where(den == 0, 1.0, den)[:, None]
-    high = out.to(o.dtype.element_ty)
-    at = (tq[:, None] * Hq + i_hq) * e + re[None, :]
-    tl.store(o + at, high, mask=mq[:, None] & me[None, :])
-    if LOW:
-        tl.store(o_low + at, (out - high.to(tl.float32)).to(o_low.dtype.element_ty),
-                 mask=mq[:, None] & me[None, :])
-    tl.store(den_out + tq * Hq + i_hq, den, mask=mq)
+    _store_outputs(o, o_low, den_out, num, den, tq, mq, i_hq, Hq, e, re, me, LOW)
 
 
 @triton.jit
@@ -964,9 +977,8 @@ def _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, t_ref, i_h, Hk, d, 
     added."""
     tk = start + tl.arange(0, BN)
     mk = tk < eos
-    kk = tl.load(k + (tk[:, None] * Hk + i_h) * d + rd[None, :], mask=mk[:, None], other=0.0)
-    vv = tl.load(v + (tk[:, None] * Hk + i_h) * e + re[None, :],
-                 mask=mk[:, None] & me[None, :], other=0.0)
+    kk = _rows(k, tk, mk, i_h, Hk, d, rd, rd < d)
+    vv = _rows(v, tk, mk, i_h, Hk, e, re, me)
     gk = _block_gates(G, tk, mk, i_h, Hk, t_ref, USE_GATE, BN)
     s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale
     keep = (tq[:, None] >= tk[None, :]) & mk[None, :]
@@ -988,19 +1000,12 @@ def attention_dq_kernel(q, k, v, G, dy, dyz, dq, dg_q, cu_seqlens, block_indices
     gate gradient, ``sum_j dw_ij w_ij`` (``dL/dG_i`` through its weights as the query)."""
     i_b, i_hq = tl.program_id(0), tl.program_id(1)
     i_h = i_hq // (Hq // Hk)
-    i_n = tl.load(block_indices + 2 * i_b).to(tl.int64)
-    j = tl.load(block_indices + 2 * i_b + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    t0 = bos + j * BM
-    tq = t0 + tl.arange(0, BM)
-    mq = tq < eos
+    bos, eos, t0, tq, mq = _attention_block(block_indices, cu_seqlens, i_b, BM)
     rd = tl.arange(0, DK)
     re = tl.arange(0, EP)
     me = re < e
-    qq = tl.load(q + (tq[:, None] * Hq + i_hq) * d + rd[None, :], mask=mq[:, None], other=0.0)
-    dyv = tl.load(dy + (tq[:, None] * Hq + i_hq) * e + re[None, :],
-                  mask=mq[:, None] & me[None, :], other=0.0)
+    qq = _rows(q, tq, mq, i_hq, Hq, d, rd, rd < d)
+    dyv = _rows(dy, tq, mq, i_hq, Hq, e, re, me)
     dy1 = tl.load(dyz + tq * Hq + i_hq, mask=mq, other=0.0)
     gq = _block_gates(G, tq, mq, i_h, Hk, t0, USE_GATE, BM)
     grad = tl.zeros([BM, DK], tl.float32)
@@ -1033,9 +1038,8 @@ def _attention_dkv_step(kk, vv, gk, tk, start, q, dy, dyz, G, t_ref, i_hq, i_h, 
     scale``, ``dv`` and the gate's column sums added."""
     tq = start + tl.arange(0, BM)
     mq = tq < eos
-    qq = tl.load(q + (tq[:, None] * Hq + i_hq) * d + rd[None, :], mask=mq[:, None], other=0.0)
-    dyv = tl.load(dy + (tq[:, None] * Hq + i_hq) * e + re[None, :],
-                  mask=mq[:, None] & me[None, :], other=0.0)
+    qq = _rows(q, tq, mq, i_hq, Hq, d, rd, rd < d)
+    dyv = _rows(dy, tq, mq, i_hq, Hq, e, re, me)
     dy1 = tl.load(dyz + tq * Hq + i_hq, mask=mq, other=0.0)
     gq = _block_gates(G, tq, mq, i_h, Hk, t_ref, USE_GATE, BM)
     s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale                         # [BM, BN]
@@ -1059,19 +1063,12 @@ def attention_dkv_kernel(q, k, v, G, dy, dyz, dk, dv, dg_k, cu_seqlens, block_in
     query heads, the queries ``BM`` at a time; and each key's part of the gate gradient,
     ``sum_i dw_ij w_ij`` (``-dL/dG_j`` through its weights as the key)."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(block_indices + 2 * i_b).to(tl.int64)
-    j = tl.load(block_indices + 2 * i_b + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    t0 = bos + j * BN
-    tk = t0 + tl.arange(0, BN)
-    mk = tk < eos
+    bos, eos, t0, tk, mk = _attention_block(block_indices, cu_seqlens, i_b, BN)
     rd = tl.arange(0, DK)
     re = tl.arange(0, EP)
     me = re < e
-    kk = tl.load(k + (tk[:, None] * Hk + i_h) * d + rd[None, :], mask=mk[:, None], other=0.0)
-    vv = tl.load(v + (tk[:, None] * Hk + i_h) * e + re[None, :],
-                 mask=mk[:, None] & me[None, :], other=0.0)
+    kk = _rows(k, tk, mk, i_h, Hk, d, rd, rd < d)
+    vv = _rows(v, tk, mk, i_h, Hk, e, re, me)
     gk = _block_gates(G, tk, mk, i_h, Hk, t0, USE_GATE, BN)
     grad_k = tl.zeros([BN, DK], tl.float32)
     grad_v = tl.zeros([BN, EP], tl.float32)
