@@ -7,8 +7,8 @@ them), 65,536 tokens per call (batch = 65,536 / t), gated (``logsigmoid(randn + 
 and fwd+bwd; t = 256k and 1M at batch 1 for our kernels only; decode time per token per layer at
 batch 1 and 64. Each timed result is checked against the float64 reference on a slice first.
 Median of ``triton.testing.do_bench``. The chunk-size timings of each new shape bucket are
-printed as they are taken; with ``POWER_RETENTION_ATTENTION_FORM=1`` calls of sequences up to
-16k may take the attention form (chunk ``attn``, FLOPs counted as causal attention's).
+printed as they are taken; with ``POWER_RETENTION_ATTENTION_FORM=1`` calls of short sequences
+may take the attention form (chunk ``attn``, FLOPs counted as causal attention's).
 """
 
 from __future__ import annotations

@@ -383,6 +383,16 @@ def test_attention_form_gate_sums_restart_at_every_sequence(lengths, heads, pack
             assert torch.allclose(after[i], x[i:t].sum(0))
 
 
+def test_attention_form_crossover_counts_flops():
+    """The length up to which causal attention, ``t (d + e)`` FLOPs per token and head, costs
+    less than the state's ``4 D e`` (``host._attention_crossover``)."""
+    pytest.importorskip("triton")
+    from power_retention.ops.triton import host
+    assert host._attention_crossover(64, 64, 2) == 4 * 2080 * 64 // 128 == 4160
+    assert host._attention_crossover(32, 32, 4) == 4 * 52360 * 32 // 64 == 104720
+    assert host._attention_crossover(64, 32, 2) == 4 * 2080 * 32 // 96
+
+
 def test_attention_form_takes_no_states():
     """The attention form (chunk size ``host.ATTENTION``) keeps no chunk states: asked for with
     an initial state or a final state to keep, it says so rather than dropping them."""

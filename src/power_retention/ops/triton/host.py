@@ -456,9 +456,15 @@ ATTENTION = 0                # the "chunk size" that selects it (one chunk as lo
 # The automatic choice takes it only where POWER_RETENTION_ATTENTION_FORM=1: its kernels have
 # passed under the interpreter, not yet on a GPU (docs/benchmarks.md, after run 49). Until
 # then only a chunk size of ATTENTION passed to ``forward`` / ``backward`` selects it.
-ATTENTION_MAX_LEN = 16384    # longer sequences always take the chunked form (their cost is t^2)
-ATTENTION_UNTIMED_LEN = 4096  # small calls of sequences up to this long take it untimed: their
-#                               FLOPs, 2 t d per token and head, stay below the state's 4 D e
+
+
+def _attention_crossover(d: int, e: int, deg: int) -> int:
+    """The length up to which the attention form takes fewer FLOPs per token and head, ``t (d +
+    e)`` for causal attention, than the state's ``4 D e``: 4,160 at degree 2, d = e = 64; 16,512
+    at d = e = 128; 104,720 at degree 4, d = e = 32. Small calls of sequences up to it take the
+    attention form untimed; it is timed for sequences up to four times it, never beyond (its
+    cost grows as t^2)."""
+    return 4 * _features(d, deg, torch.device("cpu")).D * e // (d + e)
 
 
 def _attention_blocks(dtype: torch.dtype, d: int, e: int) -> tuple[int, int]:
@@ -847,16 +853,19 @@ def _longest(q: torch.Tensor, cu_seqlens) -> int:
 def pick_chunk_size(q, k, v, log_gate, S0, z0, cu_seqlens, scale,
                     for_backward: bool = False, deg: int = 2, stateless: bool = False) -> int:
     """Chunk size for this shape: the fastest forward (or backward) of ``CHUNK_CANDIDATES``,
-    and of the attention form (``ATTENTION``) for ``stateless`` calls of sequences up to
-    ``ATTENTION_MAX_LEN`` where ``POWER_RETENTION_ATTENTION_FORM=1``, on this GPU, measured on
-    the first call of each shape bucket and remembered on disk."""
+    and of the attention form (``ATTENTION``) for ``stateless`` calls of sequences up to four
+    times ``_attention_crossover`` where ``POWER_RETENTION_ATTENTION_FORM=1``, on this GPU,
+    measured on the first call of each shape bucket and remembered on disk."""
     global _chunk_cache
     if not q.is_cuda:
         return 16                                  # interpreter: small and many chunks
-    attention = (stateless and os.environ.get("POWER_RETENTION_ATTENTION_FORM") == "1"
-                 and _longest(q, cu_seqlens) <= ATTENTION_MAX_LEN)
+    longest, crossover = 0, 0
+    if stateless and os.environ.get("POWER_RETENTION_ATTENTION_FORM") == "1":
+        longest = _longest(q, cu_seqlens)
+        crossover = _attention_crossover(q.shape[-1], v.shape[-1], deg)
+    attention = longest <= 4 * crossover and crossover > 0
     if q.shape[0] * q.shape[1] < SMALL_PROBLEM:    # launch-bound: not worth a timing sweep
-        if attention and _longest(q, cu_seqlens) <= ATTENTION_UNTIMED_LEN:
+        if longest <= crossover and crossover > 0:
             return ATTENTION                       # one kernel (three backward), fewer FLOPs
         return CHUNK_CANDIDATES[0]
     if _chunk_cache is None:
