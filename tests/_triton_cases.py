@@ -4,7 +4,8 @@ these cannot share a process with the rest of the suite).
 
     TRITON_INTERPRET=1 PYTHONPATH=src python tests/_triton_cases.py CASE [CASE ...]
 
-prints one JSON line ``{case: {tensor: relative error}}``.
+prints one JSON line ``{case: {tensor: relative error}}``. With ``--serve`` it reads case names
+from stdin, one per line, and answers each with a line ``RESULT {case: {...}}``.
 """
 
 from __future__ import annotations
@@ -616,4 +617,9 @@ def case_model_generation_fused():
 
 
 if __name__ == "__main__":
-    print(json.dumps({name: globals()["case_" + name]() for name in sys.argv[1:]}))
+    if sys.argv[1:] == ["--serve"]:          # a case per line of stdin, a result line for each
+        for line in sys.stdin:
+            name = line.strip()
+            print("RESULT " + json.dumps({name: globals()["case_" + name]()}), flush=True)
+    else:
+        print(json.dumps({name: globals()["case_" + name]() for name in sys.argv[1:]}))
