@@ -509,6 +509,16 @@ def _suffix_sums(x: torch.Tensor, B: int, T: int, cu_seqlens) -> torch.Tensor:
                                                         output_size=x.shape[0])
 
 
+def _heavy_first(lay: _Layout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks in order of falling work, for query blocks (forward, dq: the keys before
+    them) and for key blocks (dk/dv: the queries after them). The GPU starts programs in
+    launch order, so the last wave holds light blocks and no SM idles behind a heavy one."""
+    seq, within = lay.chunk_indices.long().unbind(1)
+    after = lay.cu[seq + 1] - lay.cu[seq] - within * block
+    return (lay.chunk_indices[within.argsort(descending=True, stable=True)],
+            lay.chunk_indices[after.argsort(descending=True, stable=True)])
+
+
 def _attention_args(q, k, v, log_gate, cu_seqlens, deg):
     B, T, Hq, d = q.shape
     e = v.shape[3]
@@ -529,7 +539,7 @@ def _attention_forward(q, k, v, log_gate, cu_seqlens, scale: float, deg: int):
     den = _empty(B * T, Hq, dtype=torch.float32, device=q.device)
     if lay.n_chunks:
         attention_fwd[(lay.n_chunks, Hq)](qf, kf, vf, G, o, o_low, den, lay.cu,
-                                          lay.chunk_indices, scale, Hq, Hk, q.shape[3], e,
+                                          _heavy_first(lay, block)[0], scale, Hq, Hk, q.shape[3], e,
                                           BM=block, BN=step, LOW=o_low.shape[-1] > 0, **meta)
     D = _features(q.shape[3], deg, q.device).D
     return (o.view(B, T, Hq, e), q.new_empty(0, Hk, D, e, dtype=torch.float32),
@@ -560,11 +570,12 @@ def _attention_backward(do, q, k, v, log_gate, cu_seqlens, o, den, o_low, scale:
             BT=BT, EP=meta["EP"], LOW=o_low.shape[-1] > 0, BF16=meta["BF16"],
             PREC=meta["PREC"])
     if lay.n_chunks:
-        args = (lay.cu, lay.chunk_indices, scale, Hq, Hk, d, e)
-        attention_dq[(lay.n_chunks, Hq)](qf, kf, vf, G, dy, dyz, dq, dg_q, *args,
-                                         BM=block, BN=step, **meta)
-        attention_dkv[(lay.n_chunks, Hk)](qf, kf, vf, G, dy, dyz, dk, dv, dg_k, *args,
-                                          GROUPS=Hq // Hk, BM=step, BN=block, **meta)
+        queries, keys = _heavy_first(lay, block)
+        args = (scale, Hq, Hk, d, e)
+        attention_dq[(lay.n_chunks, Hq)](qf, kf, vf, G, dy, dyz, dq, dg_q, lay.cu, queries,
+                                         *args, BM=block, BN=step, **meta)
+        attention_dkv[(lay.n_chunks, Hk)](qf, kf, vf, G, dy, dyz, dk, dv, dg_k, lay.cu, keys,
+                                          *args, GROUPS=Hq // Hk, BM=step, BN=block, **meta)
     dg = None
     if G is not None:
         dG = dg_q.view(Ttot, Hk, Hq // Hk).double().sum(-1) - dg_k.double()
