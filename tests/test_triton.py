@@ -432,6 +432,22 @@ def test_attention_form_gate_sums_restart_at_every_sequence(lengths, heads, pack
             assert torch.allclose(after[i], x[i:t].sum(0))
 
 
+def test_attention_form_launches_heavy_blocks_first():
+    """The attention kernels' blocks in order of falling work: query blocks by the keys before
+    them, key blocks by the queries after them, each order a permutation of all blocks."""
+    pytest.importorskip("triton")
+    from power_retention.ops.triton import host
+    lay = host._Layout(1, 477, torch.tensor([0, 100, 100, 137, 477]), 32, torch.device("cpu"))
+    queries, keys = host._heavy_first(lay, 32)
+    for order in (queries, keys):
+        assert sorted(map(tuple, order.tolist())) == sorted(map(tuple, lay.chunk_indices.tolist()))
+    assert queries[:, 1].tolist() == sorted(queries[:, 1].tolist(), reverse=True)
+    lengths = torch.tensor([100, 0, 37, 340])
+    after = lengths[keys[:, 0].long()] - 32 * keys[:, 1]
+    assert after.tolist() == sorted(after.tolist(), reverse=True)
+    assert keys[0].tolist() == [3, 0] and queries[0].tolist() == [3, 10]
+
+
 def test_attention_form_crossover_counts_flops():
     """The length up to which causal attention, ``t (d + e)`` FLOPs per token and head, costs
     less than the state's ``4 D e`` (``host._attention_crossover``)."""
