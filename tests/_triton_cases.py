@@ -73,7 +73,8 @@ def check_op(B, T, Hq, Hk, d, e, dtype, *, gated=True, with_state=True, cu=None,
         st = make_state(N, Hk, d, e, deg, seed=seed + 1)
         state = (st.S.float(), st.z.float())
     if inputs is not None:
-        q, k, v, g, *state = inputs
+        q, k, v, g, *given = inputs
+        state = tuple(given) if with_state else None
     leaves = [x for x in (q, k, v, g) if x is not None]
     leaves += [] if state is None else list(state)
     ref_leaves = [x.double().requires_grad_() for x in leaves]
@@ -220,6 +221,17 @@ def case_attention_fp16_wide_values():
 def case_attention_fp32_ungated_d32_e24():
     return check_op(1, 50, 2, 2, 32, 24, torch.float32, gated=False, with_state=False,
                     final=False, chunk=0)
+
+
+def case_attention_fp32_strong_gates():
+    """Gates of every strength, some closing completely (log-gates of -200 at every fifth
+    position): decays within a block far below fp32's range, where a product of per-position
+    factors taken against the wrong reference would overflow."""
+    q, k, v, g = make_inputs(2, 45, 2, 1, 16, 8, dtype=torch.float32, seed=3)
+    g = g * torch.linspace(0.0, 30.0, g.numel()).view(g.shape)
+    g[:, ::5] = -200.0
+    return check_op(2, 45, 2, 1, 16, 8, torch.float32, with_state=False, final=False, chunk=0,
+                    inputs=(q, k, v, g))
 
 
 def case_attention_deg4_fp32():

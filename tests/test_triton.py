@@ -51,6 +51,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "fp32_packed_no_final_state": torch.float32,
     "fp32_forward_in_head_halves": torch.float32,
     "attention_fp32_gqa": torch.float32,
+    "attention_fp32_strong_gates": torch.float32,
     "attention_fp16_packed_empty_segment": torch.float16,
     "attention_bf16_gqa": torch.bfloat16,
     "attention_fp16_wide_values": torch.float16,
@@ -486,31 +487,36 @@ def test_attention_form_of_no_tokens():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype, d", [pytest.param(torch.bfloat16, 64, id="bf16-d64"),
-                                      pytest.param(torch.float16, 64, id="fp16-d64"),
-                                      pytest.param(torch.bfloat16, 128, id="bf16-d128"),
-                                      pytest.param(torch.float32, 128, id="fp32-d128")])
-def test_gpu_attention_form_matches_reference(dtype, d):
+@pytest.mark.parametrize("dtype, d, deg, gate_shift", [
+    pytest.param(torch.bfloat16, 64, 2, 4.0, id="bf16-d64"),
+    pytest.param(torch.float16, 64, 2, 4.0, id="fp16-d64"),
+    pytest.param(torch.bfloat16, 128, 2, 4.0, id="bf16-d128"),
+    pytest.param(torch.float32, 128, 2, 4.0, id="fp32-d128"),
+    pytest.param(torch.float32, 64, 2, -6.0, id="fp32-d64-fast-decay"),
+    pytest.param(torch.float16, 32, 4, 4.0, id="fp16-d32-deg4")])
+def test_gpu_attention_form_matches_reference(dtype, d, deg, gate_shift):
     """The attention form, forced, at realistic sizes: two sequences of 1,500 tokens packed
-    around one of 37, GQA 8/4, every gradient against float64."""
+    around one of 37, GQA 8/4, every gradient against float64. With a gate shift of -6 the
+    log-gates average -6 per token: a block's decays span thousands of e-folds."""
     from power_retention.ops.triton import host
     T, scale = 3037, d ** -0.5
     cu = torch.tensor([0, 1500, 1537, T], device="cuda", dtype=torch.int32)
-    q, k, v, g = _gpu_inputs(1, T, 8, 4, d, d, dtype, seed=4)
-    o, S, z, den, o_low = host.forward(q, k, v, g, None, None, cu, scale, host.ATTENTION, False)
+    q, k, v, g = _gpu_inputs(1, T, 8, 4, d, d, dtype, gate_shift, seed=4)
+    o, S, z, den, o_low = host.forward(q, k, v, g, None, None, cu, scale, host.ATTENTION, False,
+                                       deg)
     do = torch.randn(o.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(
         9)).to(dtype)
     grads = host.backward(do, None, None, q, k, v, g, None, None, cu, o, den, o_low, scale,
-                          host.ATTENTION)
+                          host.ATTENTION, deg)
     ref = [x.double().requires_grad_() for x in (q, k, v, g)]
     bounds = cu.tolist()
-    ro = torch.cat([attention_reference(*(x[:, s:t] for x in ref))[0]
+    ro = torch.cat([attention_reference(*(x[:, s:t] for x in ref), deg=deg)[0]
                     for s, t in zip(bounds[:-1], bounds[1:])], 1)
     ro.backward(do.double())
     errors = {"o": rel_err(o, ro), "final_state_kept": float(S.shape[0] + z.shape[0])}
     for name, x, r in zip(["dq", "dk", "dv", "dlog_gate"], grads, ref):
         errors[name] = rel_err(x, r.grad)
-    print(f"\nattention form, {dtype} d={d}: {errors}")
+    print(f"\nattention form, {dtype} p={deg} d={d} gate shift {gate_shift}: {errors}")
     assert _within(errors, dtype), errors
 
 

@@ -470,11 +470,11 @@ def _attention_crossover(d: int, e: int, deg: int) -> int:
 def _attention_blocks(dtype: torch.dtype, d: int, e: int) -> tuple[int, int]:
     """``(block, step)``: programs take blocks of queries (keys for dkv) and step through the
     other side. Compiled for sm_90 (``benchmarks/kernel_resources.py``, 8 warps): 64 and 32 for
-    16-bit inputs at ``d, e <= 64`` (111-249 registers, no spills; steps of 64 spilled up to 288
-    bytes per thread, blocks of 128 up to 1.6 KB); 32 and 16 for fp32 inputs and wider heads,
-    whose fp32 operands spilled 0.6-6.5 KB at 64 and 32 (fp32 at d = 128 still spills 448
-    bytes in dkv). The interpreter's tests take 32 and 16, so short sequences still span
-    several blocks and steps."""
+    16-bit inputs at ``d, e <= 64`` (forward, dq, dk/dv: 166, 166, 196 registers, no spills;
+    steps of 64 spilled up to 288 bytes per thread, blocks of 128 up to 1.6 KB); 32 and 16 for
+    fp32 inputs and wider heads, whose fp32 operands spilled 0.6-6.5 KB at 64 and 32 (fp32 at
+    d = 128 still spills 504 bytes in dkv). The interpreter's tests take 32 and 16, so short
+    sequences still span several blocks and steps."""
     if not INTERPRET and dtype != torch.float32 and max(d, e) <= 64:
         return 64, 32
     return 32, 16

@@ -882,20 +882,47 @@ def decode_finish_kernel(part, o, e, NT: tl.constexpr, NTP: tl.constexpr, EP: tl
 # w_ij = (s q_i.k_j)^DEG exp(G_i - G_j), j <= i, o_i = sum_j w_ij v_j / sum_j w_ij, in blocks of
 # queries against blocks of keys as flash attention does (no running maximum: every weight is
 # >= 0 and bounded by the scores). Its cost grows with the length, the chunked form's does not:
-# it is taken where it is faster (``host._attention_form``). ``G`` is the inclusive cumulative
+# ``host.pick_chunk_size`` takes it where it is faster. ``G`` is the inclusive cumulative
 # log-gate of each sequence in float64, so that the differences of two far-apart positions keep
 # their digits; each block subtracts it from a reference position of its own in float64 and
-# takes the rest in fp32.
+# takes the rest in fp32. The reference lies between the keys and the queries of every pair
+# apart from the block's own (diagonal) ones, so there the decay splits into two factors of at
+# most 1, ``exp(G_i - G_ref) exp(G_ref - G_j)``: one exponential per position, not per pair.
+# The block's own pairs take ``G_i - G_j`` in float64: with strong gates inside the block both
+# terms can be large, and in fp32 their difference would lose its digits.
 
 
 @triton.jit
-def _block_gates(G, t, mt, i_h, Hk, t_ref, USE_GATE: tl.constexpr, B: tl.constexpr):
-    """``G_t - G_ref`` (fp32, ``[B]``) for positions ``t`` against the block's reference
-    position ``t_ref``, the difference taken in float64; zeros without gates."""
+def _block_gates(G, t, mt, i_h, Hk, t_ref, USE_GATE: tl.constexpr, B: tl.constexpr,
+                 WIDE: tl.constexpr = False):
+    """``G_t - G_ref`` (``[B]``, float64 with ``WIDE``, else fp32) for positions ``t`` against
+    the block's reference position ``t_ref``, the difference taken in float64; zeros without
+    gates and where ``mt`` is false (so that no factor of a missing position overflows)."""
+    gates = tl.zeros([B], tl.float64)
     if USE_GATE:
         ref = tl.load(G + t_ref * Hk + i_h)
-        return (tl.load(G + t * Hk + i_h, mask=mt, other=0.0) - ref).to(tl.float32)
-    return tl.zeros([B], tl.float32)
+        gates = tl.where(mt, tl.load(G + t * Hk + i_h, mask=mt, other=0.0) - ref, 0.0)
+    if not WIDE:
+        gates = gates.to(tl.float32)
+    return gates
+
+
+@triton.jit
+def _decay(gq, gk, tq, tk, NEAR: tl.constexpr, USE_GATE: tl.constexpr):
+    """``exp(G_i - G_j)`` of queries ``tq`` and keys ``tk`` (``gq``, ``gk`` against a common
+    reference), ``[BM, BN]``. ``NEAR``: the block's own pairs (``gq``, ``gk`` in float64), zero
+    where the key comes after the query. Otherwise every key comes before every query and the
+    reference lies between them: the product of one factor per query and one per key, each at
+    most 1. Positions past the sequence's end need no mask: their rows load as zeros, and
+    their decay is at most 1."""
+    if NEAR:
+        gap = tl.minimum((gq[:, None] - gk[None, :]).to(tl.float32), 0.0)
+        decay = tl.where(tq[:, None] >= tk[None, :], tl.exp(gap), 0.0)
+    elif USE_GATE:
+        decay = tl.exp(gq)[:, None] * tl.exp(-gk)[None, :]
+    else:
+        decay = tl.full((gq.shape[0], gk.shape[0]), 1.0, tl.float32)
+    return decay
 
 
 @triton.jit
@@ -921,18 +948,39 @@ def _rows(x, t, mt, head, H, width, cols, mcols):
 @triton.jit
 def _attention_fwd_step(qq, gq, tq, start, k, v, G, t_ref, i_h, Hk, d, e, eos, rd, re, me, scale,
                         num, den, BN: tl.constexpr, DEG: tl.constexpr, USE_GATE: tl.constexpr,
-                        BF16: tl.constexpr, PREC: tl.constexpr):
+                        BF16: tl.constexpr, PREC: tl.constexpr, NEAR: tl.constexpr):
     """The queries ``tq`` against the keys ``start ..``: numerators and denominators added."""
     tk = start + tl.arange(0, BN)
     mk = tk < eos
     kk = _rows(k, tk, mk, i_h, Hk, d, rd, rd < d)
     vv = _rows(v, tk, mk, i_h, Hk, e, re, me)
-    gk = _block_gates(G, tk, mk, i_h, Hk, t_ref, USE_GATE, BN)
+    gk = _block_gates(G, tk, mk, i_h, Hk, t_ref, USE_GATE, BN, NEAR)
     s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale                         # [BM, BN]
-    keep = (tq[:, None] >= tk[None, :]) & mk[None, :]
-    w = tl.where(keep, _pow(s, DEG) * tl.exp(gq[:, None] - gk[None, :]), 0.0)
+    w = _pow(s, DEG) * _decay(gq, gk, tq, tk, NEAR, USE_GATE)
     w = _operand(w, BF16, PREC)             # the denominator sums the weights the product reads
     return num + _dot(w, vv, BF16, PREC, "y"), den + tl.sum(w, axis=1)
+
+
+@triton.jit
+def _attention_fwd_keys(qq, gq, tq, lo, hi, k, v, G, t_ref, i_h, Hk, d, e, eos, rd, re, me,
+                        scale, num, den, BN: tl.constexpr, DEG: tl.constexpr,
+                        USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr,
+                        NEAR: tl.constexpr):
+    """``_attention_fwd_step`` over the keys ``lo .. hi``: those of the blocks before the
+    queries', or (``NEAR``) of their own."""
+    if INTERPRET:                 # the interpreter cannot range() over a loaded bound
+        start = lo
+        while start < hi:
+            num, den = _attention_fwd_step(qq, gq, tq, start, k, v, G, t_ref, i_h, Hk, d, e,
+                                           eos, rd, re, me, scale, num, den, BN, DEG, USE_GATE,
+                                           BF16, PREC, NEAR)
+            start += BN
+    else:                         # compiled: a for loop, which Triton software-pipelines
+        for start in range(lo, hi, BN):
+            num, den = _attention_fwd_step(qq, gq, tq, start, k, v, G, t_ref, i_h, Hk, d, e,
+                                           eos, rd, re, me, scale, num, den, BN, DEG, USE_GATE,
+                                           BF16, PREC, NEAR)
+    return num, den
 
 
 @triton.jit
@@ -940,9 +988,9 @@ def attention_fwd_kernel(q, k, v, G, o, o_low, den_out, cu_seqlens, block_indice
                          Hq, Hk, d, e, BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr,
                          EP: tl.constexpr, DEG: tl.constexpr, USE_GATE: tl.constexpr,
                          LOW: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
-    """Outputs of one (block of ``BM`` queries, query head), its keys ``BN`` at a time; also
-    the denominators and, with ``LOW``, what rounding the output left out (as
-    ``output_fwd_kernel``)."""
+    """Outputs of one (block of ``BM`` queries, query head), its keys ``BN`` at a time: those
+    of the blocks before it, then its own; also the denominators and, with ``LOW``, what
+    rounding the output left out (as ``output_fwd_kernel``)."""
     i_b, i_hq = tl.program_id(0), tl.program_id(1)
     i_h = i_hq // (Hq // Hk)
     bos, eos, t0, tq, mq = _attention_block(block_indices, cu_seqlens, i_b, BM)
@@ -950,43 +998,58 @@ def attention_fwd_kernel(q, k, v, G, o, o_low, den_out, cu_seqlens, block_indice
     re = tl.arange(0, EP)
     me = re < e
     qq = _rows(q, tq, mq, i_hq, Hq, d, rd, rd < d)
-    gq = _block_gates(G, tq, mq, i_h, Hk, t0, USE_GATE, BM)
+    gq = _block_gates(G, tq, mq, i_h, Hk, t0, USE_GATE, BM, True)
     num = tl.zeros([BM, EP], tl.float32)
     den = tl.zeros([BM], tl.float32)
-    end = tl.minimum(eos, t0 + BM)
-    if INTERPRET:                 # the interpreter cannot range() over a loaded bound
-        start = bos
-        while start < end:
-            num, den = _attention_fwd_step(qq, gq, tq, start, k, v, G, t0, i_h, Hk, d, e, eos,
-                                           rd, re, me, scale, num, den, BN, DEG, USE_GATE, BF16,
-                                           PREC)
-            start += BN
-    else:                         # compiled: a for loop, which Triton software-pipelines
-        for start in range(bos, end, BN):
-            num, den = _attention_fwd_step(qq, gq, tq, start, k, v, G, t0, i_h, Hk, d, e, eos,
-                                           rd, re, me, scale, num, den, BN, DEG, USE_GATE, BF16,
-                                           PREC)
+    num, den = _attention_fwd_keys(qq, gq.to(tl.float32), tq, bos, t0, k, v, G, t0, i_h, Hk, d,
+                                   e, eos, rd, re, me, scale, num, den, BN, DEG, USE_GATE, BF16,
+                                   PREC, False)
+    num, den = _attention_fwd_keys(qq, gq, tq, t0, tl.minimum(eos, t0 + BM), k, v, G, t0, i_h,
+                                   Hk, d, e, eos, rd, re, me, scale, num, den, BN, DEG,
+                                   USE_GATE, BF16, PREC, True)
     _store_outputs(o, o_low, den_out, num, den, tq, mq, i_hq, Hq, e, re, me, LOW)
 
 
 @triton.jit
 def _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, t_ref, i_h, Hk, d, e, eos, rd, re,
                        me, scale, grad, rows, BN: tl.constexpr, DEG: tl.constexpr,
-                       USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
-    """The queries ``tq`` against the keys ``start ..``: ``dq / scale`` and the gate's row sums
-    added."""
+                       USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr,
+                       NEAR: tl.constexpr):
+    """The queries ``tq`` against the keys ``start ..``: ``dq / (DEG scale)`` and the gate's
+    row sums added."""
     tk = start + tl.arange(0, BN)
     mk = tk < eos
     kk = _rows(k, tk, mk, i_h, Hk, d, rd, rd < d)
     vv = _rows(v, tk, mk, i_h, Hk, e, re, me)
-    gk = _block_gates(G, tk, mk, i_h, Hk, t_ref, USE_GATE, BN)
+    gk = _block_gates(G, tk, mk, i_h, Hk, t_ref, USE_GATE, BN, NEAR)
     s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale
-    keep = (tq[:, None] >= tk[None, :]) & mk[None, :]
-    decay = tl.where(keep, tl.exp(gq[:, None] - gk[None, :]), 0.0)
     dw = _dot(dyv, tl.trans(vv), BF16, PREC, "y") + dy1[:, None]
-    grad += _dot(dw * decay * DEG * _pow(s, DEG - 1), kk, BF16, PREC, "y")
+    a = dw * _decay(gq, gk, tq, tk, NEAR, USE_GATE) * _pow(s, DEG - 1)
+    grad += _dot(a, kk, BF16, PREC, "y")
     if USE_GATE:
-        rows += tl.sum(dw * _pow(s, DEG) * decay, axis=1)
+        rows += tl.sum(a * s, axis=1)
+    return grad, rows
+
+
+@triton.jit
+def _attention_dq_keys(qq, dyv, dy1, gq, tq, lo, hi, k, v, G, t_ref, i_h, Hk, d, e, eos, rd, re,
+                       me, scale, grad, rows, BN: tl.constexpr, DEG: tl.constexpr,
+                       USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr,
+                       NEAR: tl.constexpr):
+    """``_attention_dq_step`` over the keys ``lo .. hi``: those of the blocks before the
+    queries', or (``NEAR``) of their own."""
+    if INTERPRET:
+        start = lo
+        while start < hi:
+            grad, rows = _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, t_ref, i_h, Hk,
+                                            d, e, eos, rd, re, me, scale, grad, rows, BN, DEG,
+                                            USE_GATE, BF16, PREC, NEAR)
+            start += BN
+    else:
+        for start in range(lo, hi, BN):
+            grad, rows = _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, t_ref, i_h, Hk,
+                                            d, e, eos, rd, re, me, scale, grad, rows, BN, DEG,
+                                            USE_GATE, BF16, PREC, NEAR)
     return grad, rows
 
 
@@ -1007,24 +1070,17 @@ def attention_dq_kernel(q, k, v, G, dy, dyz, dq, dg_q, cu_seqlens, block_indices
     qq = _rows(q, tq, mq, i_hq, Hq, d, rd, rd < d)
     dyv = _rows(dy, tq, mq, i_hq, Hq, e, re, me)
     dy1 = tl.load(dyz + tq * Hq + i_hq, mask=mq, other=0.0)
-    gq = _block_gates(G, tq, mq, i_h, Hk, t0, USE_GATE, BM)
+    gq = _block_gates(G, tq, mq, i_h, Hk, t0, USE_GATE, BM, True)
     grad = tl.zeros([BM, DK], tl.float32)
     rows = tl.zeros([BM], tl.float32)
-    end = tl.minimum(eos, t0 + BM)
-    if INTERPRET:
-        start = bos
-        while start < end:
-            grad, rows = _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, t0, i_h, Hk,
-                                            d, e, eos, rd, re, me, scale, grad, rows, BN, DEG,
-                                            USE_GATE, BF16, PREC)
-            start += BN
-    else:
-        for start in range(bos, end, BN):
-            grad, rows = _attention_dq_step(qq, dyv, dy1, gq, tq, start, k, v, G, t0, i_h, Hk,
-                                            d, e, eos, rd, re, me, scale, grad, rows, BN, DEG,
-                                            USE_GATE, BF16, PREC)
+    grad, rows = _attention_dq_keys(qq, dyv, dy1, gq.to(tl.float32), tq, bos, t0, k, v, G, t0,
+                                    i_h, Hk, d, e, eos, rd, re, me, scale, grad, rows, BN, DEG,
+                                    USE_GATE, BF16, PREC, False)
+    grad, rows = _attention_dq_keys(qq, dyv, dy1, gq, tq, t0, tl.minimum(eos, t0 + BM), k, v, G,
+                                    t0, i_h, Hk, d, e, eos, rd, re, me, scale, grad, rows, BN,
+                                    DEG, USE_GATE, BF16, PREC, True)
     tl.store(dq + (tq[:, None] * Hq + i_hq) * d + rd[None, :],
-             (grad * scale).to(dq.dtype.element_ty), mask=mq[:, None])
+             (grad * (DEG * scale)).to(dq.dtype.element_ty), mask=mq[:, None])
     if USE_GATE:
         tl.store(dg_q + tq * Hq + i_hq, rows, mask=mq)
 
@@ -1033,24 +1089,45 @@ def attention_dq_kernel(q, k, v, G, dy, dyz, dq, dg_q, cu_seqlens, block_indices
 def _attention_dkv_step(kk, vv, gk, tk, start, q, dy, dyz, G, t_ref, i_hq, i_h, Hq, Hk, d, e,
                         eos, rd, re, me, scale, grad_k, grad_v, cols, BM: tl.constexpr,
                         DEG: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
-                        PREC: tl.constexpr):
-    """The keys ``tk`` against the queries ``start ..`` of query head ``i_hq``: ``dk /
-    scale``, ``dv`` and the gate's column sums added."""
+                        PREC: tl.constexpr, NEAR: tl.constexpr):
+    """The keys ``tk`` against the queries ``start ..`` of query head ``i_hq``: ``dk / (DEG
+    scale)``, ``dv`` and the gate's column sums added."""
     tq = start + tl.arange(0, BM)
     mq = tq < eos
     qq = _rows(q, tq, mq, i_hq, Hq, d, rd, rd < d)
     dyv = _rows(dy, tq, mq, i_hq, Hq, e, re, me)
     dy1 = tl.load(dyz + tq * Hq + i_hq, mask=mq, other=0.0)
-    gq = _block_gates(G, tq, mq, i_h, Hk, t_ref, USE_GATE, BM)
+    gq = _block_gates(G, tq, mq, i_h, Hk, t_ref, USE_GATE, BM, NEAR)
     s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale                         # [BM, BN]
-    keep = (tq[:, None] >= tk[None, :]) & mq[:, None]
-    decay = tl.where(keep, tl.exp(gq[:, None] - gk[None, :]), 0.0)
-    w = _pow(s, DEG) * decay
-    grad_v += _dot(tl.trans(w), dyv, BF16, PREC)
+    decay = _decay(gq, gk, tq, tk, NEAR, USE_GATE)
+    grad_v += _dot(tl.trans(_pow(s, DEG) * decay), dyv, BF16, PREC)
     dw = _dot(dyv, tl.trans(vv), BF16, PREC, "y") + dy1[:, None]
-    grad_k += _dot(tl.trans(dw * decay * DEG * _pow(s, DEG - 1)), qq, BF16, PREC, "y")
+    a = dw * decay * _pow(s, DEG - 1)
+    grad_k += _dot(tl.trans(a), qq, BF16, PREC, "y")
     if USE_GATE:
-        cols += tl.sum(dw * w, axis=0)
+        cols += tl.sum(a * s, axis=0)
+    return grad_k, grad_v, cols
+
+
+@triton.jit
+def _attention_dkv_queries(kk, vv, gk, tk, lo, hi, q, dy, dyz, G, t_ref, i_hq, i_h, Hq, Hk, d,
+                           e, eos, rd, re, me, scale, grad_k, grad_v, cols, BM: tl.constexpr,
+                           DEG: tl.constexpr, USE_GATE: tl.constexpr, BF16: tl.constexpr,
+                           PREC: tl.constexpr, NEAR: tl.constexpr):
+    """``_attention_dkv_step`` over the queries ``lo .. hi``: those of the keys' own block
+    (``NEAR``), or of the blocks after it."""
+    if INTERPRET:
+        start = lo
+        while start < hi:
+            grad_k, grad_v, cols = _attention_dkv_step(
+                kk, vv, gk, tk, start, q, dy, dyz, G, t_ref, i_hq, i_h, Hq, Hk, d, e, eos, rd,
+                re, me, scale, grad_k, grad_v, cols, BM, DEG, USE_GATE, BF16, PREC, NEAR)
+            start += BM
+    else:
+        for start in range(lo, hi, BM):
+            grad_k, grad_v, cols = _attention_dkv_step(
+                kk, vv, gk, tk, start, q, dy, dyz, G, t_ref, i_hq, i_h, Hq, Hk, d, e, eos, rd,
+                re, me, scale, grad_k, grad_v, cols, BM, DEG, USE_GATE, BF16, PREC, NEAR)
     return grad_k, grad_v, cols
 
 
@@ -1060,8 +1137,10 @@ def attention_dkv_kernel(q, k, v, G, dy, dyz, dk, dv, dg_k, cu_seqlens, block_in
                          DK: tl.constexpr, EP: tl.constexpr, DEG: tl.constexpr,
                          USE_GATE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr):
     """Gradients of ``k`` and ``v`` for one (block of ``BN`` keys, KV head), summed over its
-    query heads, the queries ``BM`` at a time; and each key's part of the gate gradient,
-    ``sum_i dw_ij w_ij`` (``-dL/dG_j`` through its weights as the key)."""
+    query heads, the queries ``BM`` at a time: those of its own block, then the later ones;
+    and each key's part of the gate gradient, ``sum_i dw_ij w_ij`` (``-dL/dG_j`` through its
+    weights as the key). The gates' reference: the block's first key for its own queries, its
+    last for the later ones."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     bos, eos, t0, tk, mk = _attention_block(block_indices, cu_seqlens, i_b, BN)
     rd = tl.arange(0, DK)
@@ -1069,26 +1148,22 @@ def attention_dkv_kernel(q, k, v, G, dy, dyz, dk, dv, dg_k, cu_seqlens, block_in
     me = re < e
     kk = _rows(k, tk, mk, i_h, Hk, d, rd, rd < d)
     vv = _rows(v, tk, mk, i_h, Hk, e, re, me)
-    gk = _block_gates(G, tk, mk, i_h, Hk, t0, USE_GATE, BN)
+    mid = tl.minimum(eos, t0 + BN)
+    gk_near = _block_gates(G, tk, mk, i_h, Hk, t0, USE_GATE, BN, True)
+    gk_far = _block_gates(G, tk, mk, i_h, Hk, mid - 1, USE_GATE, BN)
     grad_k = tl.zeros([BN, DK], tl.float32)
     grad_v = tl.zeros([BN, EP], tl.float32)
     cols = tl.zeros([BN], tl.float32)
     for r in range(GROUPS):
         i_hq = i_h * GROUPS + r
-        if INTERPRET:
-            start = t0
-            while start < eos:
-                grad_k, grad_v, cols = _attention_dkv_step(
-                    kk, vv, gk, tk, start, q, dy, dyz, G, t0, i_hq, i_h, Hq, Hk, d, e, eos, rd,
-                    re, me, scale, grad_k, grad_v, cols, BM, DEG, USE_GATE, BF16, PREC)
-                start += BM
-        else:
-            for start in range(t0, eos, BM):
-                grad_k, grad_v, cols = _attention_dkv_step(
-                    kk, vv, gk, tk, start, q, dy, dyz, G, t0, i_hq, i_h, Hq, Hk, d, e, eos, rd,
-                    re, me, scale, grad_k, grad_v, cols, BM, DEG, USE_GATE, BF16, PREC)
+        grad_k, grad_v, cols = _attention_dkv_queries(
+            kk, vv, gk_near, tk, t0, mid, q, dy, dyz, G, t0, i_hq, i_h, Hq, Hk, d, e, eos, rd,
+            re, me, scale, grad_k, grad_v, cols, BM, DEG, USE_GATE, BF16, PREC, True)
+        grad_k, grad_v, cols = _attention_dkv_queries(
+            kk, vv, gk_far, tk, mid, eos, q, dy, dyz, G, mid - 1, i_hq, i_h, Hq, Hk, d, e, eos,
+            rd, re, me, scale, grad_k, grad_v, cols, BM, DEG, USE_GATE, BF16, PREC, False)
     tl.store(dk + (tk[:, None] * Hk + i_h) * d + rd[None, :],
-             (grad_k * scale).to(dk.dtype.element_ty), mask=mk[:, None])
+             (grad_k * (DEG * scale)).to(dk.dtype.element_ty), mask=mk[:, None])
     tl.store(dv + (tk[:, None] * Hk + i_h) * e + re[None, :], grad_v.to(dv.dtype.element_ty),
              mask=mk[:, None] & me[None, :])
     if USE_GATE:
