@@ -153,7 +153,7 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks, deg: int):
                                            PREC=flags["PREC"])
     # the attention form: blocks of queries (keys for dkv), the other side a step at a time
     block, step = host._attention_blocks(dtype, d, e)
-    attention = dict(DK=d, EP=EP, **flags)
+    attention = dict(DK=d, EP=EP, USE_GATE=True, **host._attention_flags(dtype, d, e, deg))
     yield kernels.attention_fwd_kernel, dict(BM=block, BN=step, LOW=low, **attention)
     yield kernels.attention_dq_kernel, dict(BM=block, BN=step, **attention)
     yield kernels.attention_dkv_kernel, dict(BM=step, BN=block, GROUPS=1, **attention)

@@ -239,6 +239,13 @@ def case_attention_deg4_fp32():
                     chunk=0)
 
 
+def case_attention_deg4_fp16():
+    """Degree 4 in fp16 at d = 32: one tf32 pass per product, as at degree 2 (the chunked
+    form's three guard its state products, which the attention form does not have)."""
+    return check_op(1, 50, 2, 1, 32, 16, torch.float16, deg=4, with_state=False, final=False,
+                    chunk=0)
+
+
 def case_deg4_fp32_gqa_state():
     """Degree 4 (the exact layout in tiles of 64 rows, four factors per feature): d = 16 (3,876
     features, 61 tiles, the last one padded), GQA, odd length, states in and out."""

@@ -509,6 +509,14 @@ def _suffix_sums(x: torch.Tensor, B: int, T: int, cu_seqlens) -> torch.Tensor:
                                                         output_size=x.shape[0])
 
 
+def _attention_flags(dtype: torch.dtype, d: int, e: int, deg: int) -> dict:
+    """``_flags`` but for the precision: degree 4's three tf32 passes guard the chunked form's
+    state products against cancellation, which the attention form does not have (its weights
+    are powers of one fp32 score), so 16-bit inputs take one pass at every degree (interpreter
+    case ``attention_deg4_fp16``: dq 3.7e-4 with three passes, 6.3e-4 with one)."""
+    return _flags(dtype, d, e, deg) | {"PREC": _precision(dtype, 2)}
+
+
 def _heavy_first(lay: _Layout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks in order of falling work, for query blocks (forward, dq: the keys before
     them) and for key blocks (dk/dv: the queries after them). The GPU starts programs in
@@ -525,7 +533,7 @@ def _attention_args(q, k, v, log_gate, cu_seqlens, deg):
     block, step = _attention_blocks(q.dtype, d, e)
     lay = _Layout(B, T, cu_seqlens, block, q.device)
     G = None if log_gate is None else _cumulative_gates(log_gate, cu_seqlens)
-    meta = dict(DK=d, EP=_pow2(e), USE_GATE=G is not None, **_flags(q.dtype, d, e, deg))
+    meta = dict(DK=d, EP=_pow2(e), USE_GATE=G is not None, **_attention_flags(q.dtype, d, e, deg))
     return lay, _flat(q), _flat(k), _flat(v), G, block, step, meta
 
 
