@@ -246,6 +246,12 @@ def case_attention_deg4_fp16():
                     chunk=0)
 
 
+def case_attention_deg4_bf16():
+    """Degree 4 in bf16 at d = 32: bf16 products (the chunked form takes tf32 ones there)."""
+    return check_op(1, 50, 2, 1, 32, 16, torch.bfloat16, deg=4, with_state=False, final=False,
+                    chunk=0)
+
+
 def case_deg4_fp32_gqa_state():
     """Degree 4 (the exact layout in tiles of 64 rows, four factors per feature): d = 16 (3,876
     features, 61 tiles, the last one padded), GQA, odd length, states in and out."""

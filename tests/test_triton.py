@@ -58,6 +58,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "attention_fp32_ungated_d32_e24": torch.float32,
     "attention_deg4_fp32": torch.float32,
     "attention_deg4_fp16": torch.float16,
+    "attention_deg4_bf16": torch.bfloat16,
     "deg4_fp32_gqa_state": torch.float32,
     "deg4_fp16_packed": torch.float16,
     "deg4_fp16_near_orthogonal": torch.float16,

@@ -510,11 +510,14 @@ def _suffix_sums(x: torch.Tensor, B: int, T: int, cu_seqlens) -> torch.Tensor:
 
 
 def _attention_flags(dtype: torch.dtype, d: int, e: int, deg: int) -> dict:
-    """``_flags`` but for the precision: degree 4's three tf32 passes guard the chunked form's
-    state products against cancellation, which the attention form does not have (its weights
-    are powers of one fp32 score), so 16-bit inputs take one pass at every degree (interpreter
-    case ``attention_deg4_fp16``: dq 3.7e-4 with three passes, 6.3e-4 with one)."""
-    return _flags(dtype, d, e, deg) | {"PREC": _precision(dtype, 2)}
+    """``_flags`` but for the attention form, which has no chunk states: what keeps bf16
+    inputs at degree 4 or at d > 64 off bf16 products (``_bf16_products``) and degree 4's
+    16-bit inputs at three tf32 passes (``_precision``) is the rounding and cancellation of the
+    state products. Its weights are powers of one fp32 score, so bf16 inputs take bf16
+    products and fp16 ones one tf32 pass at every degree and head size (interpreter cases
+    ``attention_deg4_fp16``: dq 3.7e-4 with three passes, 6.3e-4 with one;
+    ``attention_deg4_bf16``)."""
+    return {"BF16": dtype == torch.bfloat16, "PREC": _precision(dtype, 2), "DEG": deg}
 
 
 def _heavy_first(lay: _Layout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
