@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/bench_op.py --out results.json
 
 Standard cases: bf16, 16 heads, d = 64, p = 2 (``--dtype``, ``--head-dim``, ``--deg`` change
-them), 65,536 tokens per call (batch = 65,536 / t), gated (``logsigmoid(randn + 4)``), modes fwd
+them), 65,536 tokens per call (batch = 65,536 / t; ``--tokens``), gated (``logsigmoid(randn + 4)``), modes fwd
 and fwd+bwd; t = 256k and 1M at batch 1 for our kernels only; decode time per token per layer at
 batch 1 and 64. Each timed result is checked against the float64 reference on a slice first.
 Median of ``triton.testing.do_bench``. The chunk-size timings of each new shape bucket are
@@ -204,7 +204,7 @@ def kernel_breakdown(t: int = TOKENS) -> list[dict]:
 
 
 def main() -> None:
-    global D_HEAD, DTYPE, DEG
+    global D_HEAD, DTYPE, DEG, TOKENS
     logging.basicConfig(format="%(message)s")
     logging.getLogger("power_retention").setLevel(logging.INFO)   # the chunk-size timings
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -214,6 +214,9 @@ def main() -> None:
     parser.add_argument("--odd", default="3000,65537",
                         help="odd lengths, ours only, per token against the nearest length")
     parser.add_argument("--decode-batches", default="1,64")
+    parser.add_argument("--tokens", type=int, default=TOKENS,
+                        help="tokens per call (batch = tokens / t; BENCHMARKS.md: 65,536). "
+                             "Under 32k a call is too small for the chunk-size timing sweep")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                         help="skip the per-kernel profile of one forward + backward at 64k")
@@ -225,7 +228,7 @@ def main() -> None:
                         help="of q, k, v (BENCHMARKS.md's standard cases: bfloat16); float32 "
                              "runs without the SDPA baselines, which take 16-bit inputs")
     args = parser.parse_args()
-    D_HEAD, DTYPE, DEG = args.head_dim, getattr(torch, args.dtype), args.deg
+    D_HEAD, DTYPE, DEG, TOKENS = args.head_dim, getattr(torch, args.dtype), args.deg, args.tokens
     if DEG == 4 and D_HEAD > 32:
         parser.error("--deg 4 takes --head-dim 16 or 32")
     baselines = not args.no_baselines and DTYPE != torch.float32
