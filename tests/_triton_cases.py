@@ -223,15 +223,31 @@ def case_attention_fp32_ungated_d32_e24():
                     final=False, chunk=0)
 
 
-def case_attention_fp32_strong_gates():
-    """Gates of every strength, some closing completely (log-gates of -200 at every fifth
-    position): decays within a block far below fp32's range, where a product of per-position
-    factors taken against the wrong reference would overflow."""
-    q, k, v, g = make_inputs(2, 45, 2, 1, 16, 8, dtype=torch.float32, seed=3)
+def _strong_gates(B, T, Hq, Hk, d, e):
+    """Gates of every strength, some closing completely: log-gates scaled up to 30x, -200 at
+    every fifth position from the third. Inside a chunk or block the cumulative gates reach
+    thousands."""
+    q, k, v, g = make_inputs(B, T, Hq, Hk, d, e, dtype=torch.float32, seed=3)
     g = g * torch.linspace(0.0, 30.0, g.numel()).view(g.shape)
-    g[:, ::5] = -200.0
+    g[:, 2::5] = -200.0
+    return q, k, v, g
+
+
+def case_attention_fp32_strong_gates():
+    """Decays within a block far below fp32's range, where a product of per-position factors
+    taken against the wrong reference would overflow, and fp32 differences of the cumulative
+    gates would lose their digits (dq 1.3e-5 so)."""
     return check_op(2, 45, 2, 1, 16, 8, torch.float32, with_state=False, final=False, chunk=0,
-                    inputs=(q, k, v, g))
+                    inputs=_strong_gates(2, 45, 2, 1, 16, 8))
+
+
+def case_fp32_strong_gates_state():
+    """The chunked form, chunks of 32, states in and out. With the in-chunk cumulative gates
+    summed in fp32: S 1.2e-4, dv 8.8e-5, dk 6.8e-5."""
+    N, T = 1, 90
+    st = make_state(N, 1, 16, 8, seed=4)
+    return check_op(N, T, 2, 1, 16, 8, torch.float32, chunk=32,
+                    inputs=(*_strong_gates(N, T, 2, 1, 16, 8), st.S.float(), st.z.float()))
 
 
 def case_attention_deg4_fp32():

@@ -50,6 +50,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "fp32_packed_no_state": torch.float32,
     "fp32_packed_no_final_state": torch.float32,
     "fp32_forward_in_head_halves": torch.float32,
+    "fp32_strong_gates_state": torch.float32,
     "attention_fp32_gqa": torch.float32,
     "attention_fp32_strong_gates": torch.float32,
     "attention_fp16_packed_empty_segment": torch.float16,

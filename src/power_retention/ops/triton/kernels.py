@@ -154,15 +154,29 @@ def _tile_factors(x, t, mt, head, H, d, a, b, ea, eb, KP: tl.constexpr, BD: tl.c
 
 @triton.jit
 def _chunk_gates(g, t, mt, i_h, Hk, USE_GATE: tl.constexpr, C: tl.constexpr):
-    """Inclusive cumulative log-gate from the chunk start ``gc [C]`` and its last value."""
+    """The inclusive cumulative log-gate from the chunk start, summed in float64: ``gc [C]``
+    in fp32, what that rounding left out ``gc_lo [C]``, the chunk's total ``g_last`` and
+    ``to_end = exp(g_last - gc) [C]``. With strong gates inside a chunk ``gc`` reaches
+    thousands, where fp32 keeps a few digits of the differences that the decays are made of
+    (``_chunk_decay``): a log-gate of -200 at every fifth token gave dk 3.0e-5 at chunk 64 in
+    fp32 (interpreter, docs/benchmarks.md)."""
+    gam = tl.zeros([C], tl.float64)
     if USE_GATE:
-        gam = tl.load(g + t * Hk + i_h, mask=mt, other=0.0).to(tl.float32)
-        gc = tl.cumsum(gam, axis=0)
-        g_last = tl.sum(gam, axis=0)
-    else:
-        gc = tl.zeros([C], tl.float32)
-        g_last = tl.sum(gc, axis=0)
-    return gc, g_last
+        gam = tl.load(g + t * Hk + i_h, mask=mt, other=0.0).to(tl.float64)
+    wide = tl.cumsum(gam, axis=0)
+    last = tl.sum(gam, axis=0)
+    gc = wide.to(tl.float32)
+    return gc, (wide - gc.to(tl.float64)).to(tl.float32), last.to(tl.float32), \
+        tl.exp((last - wide).to(tl.float32))
+
+
+@triton.jit
+def _chunk_decay(gc, gc_lo, C: tl.constexpr):
+    """``exp(gc_i - gc_j)`` for ``j <= i``, else 0 (``[C, C]``): the high parts' difference
+    is exact where the two are close, the low parts' adds what their rounding left out."""
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    gap = (gc[:, None] - gc[None, :]) + (gc_lo[:, None] - gc_lo[None, :])
+    return tl.where(causal, tl.exp(tl.minimum(gap, 0.0)), 0.0)
 
 
 @triton.jit
@@ -336,8 +350,8 @@ def _chunk_contrib(x, y, y1, g, t, mt, i_h, Hx, Hk, d, e, a, b, ea_t, eb_t, inde
     the gradient of the state at the chunk's end carried to its start (``coef`` holds
     ``s^2``). Returns ``dS [F, BE]``, ``dz [F]`` and the chunk's decay."""
     F: tl.constexpr = BD * BD
-    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
-    w = tl.exp(gc) if REVERSE else tl.exp(g_last - gc)
+    gc, _, g_last, to_end = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+    w = tl.exp(gc) if REVERSE else to_end
     dS = tl.zeros([F, BE], tl.float32)
     dz = tl.zeros([F], tl.float32)
     # the forward's normaliser, phi^T 1, on the matrix units: phi^T [1, 0, .., 0] ([C, 16])
@@ -504,12 +518,11 @@ def output_fwd_kernel(q, k, v, g, states, zstates, o, o_low, den_out, cu_seqlens
     kk = tl.load(k + (t[:, None] * Hk + i_h) * d + rd[None, :], mask=mt[:, None], other=0.0)
     vv = tl.load(v + (t[:, None] * Hk + i_h) * e + re[None, :],
                  mask=mt[:, None] & me[None, :], other=0.0)
-    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+    gc, gc_lo, _, _ = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
 
     # attention inside the chunk: w_ij = (s q_i.k_j)^DEG exp(gc_i - gc_j), j <= i
     s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale                    # [C, C]
-    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
-    w = tl.where(causal, _pow(s, DEG) * tl.exp(gc[:, None] - gc[None, :]), 0.0)
+    w = _pow(s, DEG) * _chunk_decay(gc, gc_lo, C)
     w = _operand(w, BF16, PREC)           # the denominator sums the weights the product reads
     num = _dot(w, vv, BF16, PREC, "y")                                    # [C, EP]
     den = tl.sum(w, axis=1)
@@ -603,7 +616,7 @@ def dq_kernel(q, k, v, g, states, zstates, dy, dyz, dq, dg_q, cu_seqlens,
     dyv = tl.load(dy + (t[:, None] * Hq + i_hq) * e + re[None, :],
                   mask=mt[:, None] & me[None, :], other=0.0)
     dy1 = tl.load(dyz + t * Hq + i_hq, mask=mt, other=0.0)
-    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+    gc, gc_lo, _, _ = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
 
     # through the incoming state. With F the symmetric d x d x e state (phi(x).S = sum_ab
     # x_a x_b F_ab), dq_i = 2 s^2 exp(gc_i) sum_b q_ib (F_b dy_v,i + Z_b dy_z,i): one product
@@ -640,8 +653,7 @@ def dq_kernel(q, k, v, g, states, zstates, dy, dyz, dq, dg_q, cu_seqlens,
 
     # inside the chunk: dw_ij = dy_i . [v_j, 1]; w_ij = s_ij^2 decay_ij
     s = _dot(qq, tl.trans(kk), BF16, PREC, "xy") * scale
-    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
-    decay = tl.where(causal, tl.exp(gc[:, None] - gc[None, :]), 0.0)
+    decay = _chunk_decay(gc, gc_lo, C)
     dw = _dot(dyv, tl.trans(vv), BF16, PREC, "y") + dy1[:, None]
     ds = dw * decay * DEG * _pow(s, DEG - 1)                           # [C, C]
     grad += _dot(ds, kk, BF16, PREC, "y") * scale                         # [C, DK]
@@ -675,11 +687,10 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, 
     kk = tl.load(k + (t[:, None] * Hk + i_h) * d + rd[None, :], mask=mt[:, None], other=0.0)
     vv = tl.load(v + (t[:, None] * Hk + i_h) * e + re[None, :],
                  mask=mt[:, None] & me[None, :], other=0.0)
-    gc, g_last = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
+    gc, gc_lo, g_last, to_end = _chunk_gates(g, t, mt, i_h, Hk, USE_GATE, C)
 
     # through the state at the chunk's end, S_end += sum_j to_end_j phi(k_j) [v_j, 1]^T:
     # dv_j = to_end_j phi(k_j) . dS, tile by tile
-    to_end = tl.exp(g_last - gc)
     grad_v = tl.zeros([C, EP], tl.float32)
     across = tl.zeros([F], tl.float32)                 # <state in, its gradient at the end>
     base = (i_c * Hk + i_h).to(tl.int64) * NT * F
@@ -731,8 +742,7 @@ def dkv_kernel(q, k, v, g, states, zstates, dstates, dzstates, dy, dyz, dk, dv, 
     gate_part = tl.cumsum(to_state, axis=0) - to_state + tl.exp(g_last) * tl.sum(across, axis=0)
 
     # inside the chunk, summed over the query heads of this KV head
-    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
-    decay = tl.where(causal, tl.exp(gc[:, None] - gc[None, :]), 0.0)
+    decay = _chunk_decay(gc, gc_lo, C)
     for r in range(GROUPS):
         i_hq = i_h * GROUPS + r
         qq = tl.load(q + (t[:, None] * Hq + i_hq) * d + rd[None, :], mask=mt[:, None],
