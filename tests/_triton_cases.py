@@ -431,6 +431,21 @@ def case_decode():
     return {"o": rel_err(torch.cat(outs, 1), ro), "buffer_len": float(buffer.k.shape[1] != 5)}
 
 
+def case_decode_strong_gates():
+    """``case_decode`` with the strong gates of ``_strong_gates``: the buffer's decays are
+    differences of large log-gate sums, taken in float64."""
+    _host()
+    from power_retention import power_retention_decode
+    q, k, v, g = _strong_gates(1, 30, 2, 1, 16, 8)
+    state, buffer, outs = RetentionState.zeros(1, 1, 16, 8), None, []
+    for i in range(q.shape[1]):
+        o, state, buffer = power_retention_decode(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1],
+                                                  g[:, i:i + 1], state, buffer, chunk_size=16)
+        outs.append(o)
+    ro, _ = attention_reference(q.double(), k.double(), v.double(), g.double())
+    return {"o": rel_err(torch.cat(outs, 1), ro)}
+
+
 def case_decode_ungated_with_buffer():
     _host()
     from power_retention import power_retention_decode

@@ -69,6 +69,7 @@ CASES = {                       # case in _triton_cases.py -> dtype whose tolera
     "fp16_pieces_batch_no_state": torch.float16,
     "public_api_autograd": torch.float32,
     "decode": torch.float32,
+    "decode_strong_gates": torch.float32,
     "decode_ungated_with_buffer": torch.float32,
     "decode_into_gqa": torch.float16,
     "decode_into_bf16_copy": torch.bfloat16,

@@ -800,8 +800,10 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, index, coefs, scale, held, 
     rj = tl.arange(0, GP)
     mj = rj < G
     g_new = tl.load(g + i_bh)
-    g_old = tl.load(bg + (i_b * cap + rl) * Hk + i_h, mask=rl < held, other=0.0)
-    g_total = tl.sum(g_old, axis=0) + g_new                 # log decay since the state's fold
+    # the log decay since the state's fold, and to each buffered token, in float64 (as the
+    # chunked kernels' ``_chunk_gates``: strong gates make these sums large and close)
+    g_old = tl.load(bg + (i_b * cap + rl) * Hk + i_h, mask=rl < held, other=0.0).to(tl.float64)
+    g_total = tl.sum(g_old, axis=0) + g_new
     qrows = q + ((i_b * Hk + i_h) * G + rj) * d                          # [GP] row starts
     pub = i_b * Hk + i_h
 
@@ -822,7 +824,8 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, index, coefs, scale, held, 
     vv = tl.load(bv + ((i_b * cap + rl[:, None]) * Hk + i_h) * e + re[None, :],
                  mask=old[:, None] & me[None, :], other=0.0)
     vv = tl.where(is_new[:, None], vn[None, :].to(vv.dtype), vv)         # [LP, EP]
-    decay = tl.where(old, tl.exp(g_total - tl.cumsum(g_old, axis=0)), tl.where(is_new, 1.0, 0.0))
+    decay = tl.where(old, tl.exp((g_total - tl.cumsum(g_old, axis=0)).to(tl.float32)),
+                     tl.where(is_new, 1.0, 0.0))
     qq = tl.load(qrows[:, None] + rd[None, :], mask=mj[:, None], other=0.0).to(tl.float32)
     s = _dot32(qq, tl.trans(kk), PRECISION, "xy") * scale                    # [GP, LP]
     w = _operand(_pow(s, DEG) * decay[None, :], False, PRECISION)       # as the product reads
@@ -830,7 +833,7 @@ def decode_kernel(q, k, v, g, bk, bv, bg, S, z, out, index, coefs, scale, held, 
     den = tl.sum(w, axis=1)                                              # [GP]
 
     # the state: phi(q) [GP, R] of R rows against S [R, e] and z [R]
-    from_start = _pow(scale, DEG) * tl.exp(g_total)
+    from_start = _pow(scale, DEG) * tl.exp(g_total.to(tl.float32))
     S_pub = S + pub * D * e
     den_rows = tl.zeros([GP, R], tl.float32)    # phi * z, summed over rows after the loop
     for n in tl.range(0, NBLK, num_stages=STAGES):
