@@ -41,6 +41,23 @@ def test_decode_equals_parallel(steps, chunk_size, gated):
     assert rel_err(o, ref) < 1e-12
 
 
+def test_decode_float32_with_strong_gates():
+    """fp32 decoding whose gates close almost completely now and then (log-gates of -200 at
+    every fifth token): the buffer's decays and its fold are differences of large log-gate
+    sums, taken in float64 (in fp32: output 2.4e-5, folded state 1.5e-4)."""
+    q, k, v, g = make_inputs(B=1, T=250, Hq=2, Hk=1, d=8, e=4, dtype=torch.float32, seed=3)
+    g = g * torch.linspace(0.0, 30.0, g.numel()).view(g.shape)
+    g[:, 2::5] = -200.0
+    init = make_state(1, 1, 8, 4)
+    o, state, buffer = _stream(q, k, v, g, RetentionState(init.S.float(), init.z.float()), 1,
+                               128)
+    ref, ref_state = power_retention(*(x.double() for x in (q, k, v, g)), initial_state=init,
+                                     output_final_state=True)
+    folded = power_retention_fold(state, buffer)
+    assert rel_err(o, ref) < 1e-5
+    assert rel_err(folded.S, ref_state.S) < 1e-5 and rel_err(folded.z, ref_state.z) < 1e-5
+
+
 def test_prefill_then_decode():
     q, k, v, g = make_inputs(T=50, d=4, e=4)
     ref, ref_state = power_retention(q, k, v, g, output_final_state=True)

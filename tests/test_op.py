@@ -86,6 +86,32 @@ def test_backward_matches_reference(gated, with_state):
         assert rel_err(a, b) < 1e-10
 
 
+def test_float32_with_strong_gates_matches_reference():
+    """fp32 inputs whose gates close almost completely now and then (log-gates of -200 at
+    every fifth token): the cumulative gates inside a chunk reach thousands, and the decays
+    are their differences. Summed in fp32 the output was 1.6e-5 off at chunk 64; the op sums
+    them in float64. Forward, final state and every gradient within fp32's tolerance."""
+    q, k, v, g = make_inputs(B=1, T=200, Hq=2, Hk=1, d=8, e=4, dtype=torch.float32, seed=3)
+    g[:, 2::5] = -200.0
+    init = make_state(1, 1, 8, 4)
+    tensors = [x.requires_grad_() for x in (q, k, v, g, init.S.float(), init.z.float())]
+
+    def op(q, k, v, g, S, z):
+        return power_retention(q, k, v, g, chunk_size=64, initial_state=RetentionState(S, z),
+                               output_final_state=True)
+
+    def ref(q, k, v, g, S, z):          # float64, its outputs returned in fp32 for _grads
+        o, st = attention_reference(*(x.double() for x in (q, k, v, g)),
+                                    initial_state=RetentionState(S.double(), z.double()))
+        return o.float(), RetentionState(st.S.float(), st.z.float())
+
+    (o, st), (ro, rst) = op(*tensors), ref(*tensors)
+    for a, b in [(o, ro), (st.S, rst.S), (st.z, rst.z)]:
+        assert rel_err(a, b) < TOL[torch.float32]
+    for a, b in zip(_grads(op, tensors), _grads(ref, tensors)):
+        assert rel_err(a, b) < TOL[torch.float32]
+
+
 def test_gradcheck_float64():
     q, k, v, g = make_inputs(B=1, T=7, Hq=2, Hk=1, d=3, e=2, requires_grad=True)
     init = make_state(1, 1, 3, 2)

@@ -21,15 +21,16 @@ def decode_attend(q, k, v, log_gate, state, *, deg, scale):
     B, n, Hq, d = q.shape
     L, Hk = k.shape[1], k.shape[2]
     groups, dt = Hq // Hk, compute_dtype(q.dtype)
-    G = log_gate.to(dt).cumsum(1).transpose(1, 2)                      # [B, Hk, L]
+    # log-gate sums in float64, as chunk_forward's: large and close with strong gates
+    G = log_gate.double().cumsum(1).transpose(1, 2)                    # [B, Hk, L]
     kk, v1 = k.to(dt).transpose(1, 2), _with_ones(v.to(dt).transpose(1, 2))
     qq = (q.to(dt) * scale).transpose(1, 2).unflatten(1, (Hk, groups))  # [B, Hk, g, n, d]
     Gq = G[..., L - n:]                                                 # [B, Hk, n]
     causal = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n)
-    decay = (Gq.unsqueeze(-1) - G.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
+    decay = (Gq.unsqueeze(-1) - G.unsqueeze(-2)).to(dt).masked_fill(~causal, float("-inf"))
     scores = (qq @ kk.unsqueeze(2).transpose(-1, -2)) ** deg          # [B, Hk, g, n, L]
     num = (scores * torch.exp(decay).unsqueeze(2)) @ v1.unsqueeze(2)  # [B, Hk, g, n, e+1]
-    phi_q = sympow_embed(qq, deg) * torch.exp(Gq).unsqueeze(2).unsqueeze(-1)
+    phi_q = sympow_embed(qq, deg) * torch.exp(Gq.to(dt)).unsqueeze(2).unsqueeze(-1)
     num = num + phi_q @ _state_with_z(state, dt).unsqueeze(2)
     den = num[..., -1:]
     o = (num[..., :-1] / torch.where(den == 0, 1, den)).flatten(1, 2).transpose(1, 2)
@@ -60,10 +61,11 @@ def fold(state, k, v, log_gate, *, deg):
     if k.shape[1] == 0:
         return state
     dt = compute_dtype(k.dtype)
-    G = log_gate.to(dt).cumsum(1).transpose(1, 2)                  # [B, Hk, L]
+    G = log_gate.double().cumsum(1).transpose(1, 2)                # [B, Hk, L], float64
     G_end = G[..., -1:]
-    phi_k = sympow_embed(k.to(dt).transpose(1, 2), deg) * torch.exp(G_end - G).unsqueeze(-1)
-    Sz = (torch.exp(G_end).unsqueeze(-1) * _state_with_z(state, dt)
+    to_end = torch.exp((G_end - G).to(dt))
+    phi_k = sympow_embed(k.to(dt).transpose(1, 2), deg) * to_end.unsqueeze(-1)
+    Sz = (torch.exp(G_end.to(dt)).unsqueeze(-1) * _state_with_z(state, dt)
           + phi_k.transpose(-1, -2) @ _with_ones(v.to(dt).transpose(1, 2)))
     return RetentionState(Sz[..., :-1].to(state.S.dtype), Sz[..., -1].to(state.z.dtype))
 
