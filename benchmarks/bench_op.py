@@ -3,12 +3,13 @@
     PYTHONPATH=src python benchmarks/bench_op.py --out results.json
 
 Standard cases: bf16, 16 heads, d = 64, p = 2 (``--dtype``, ``--head-dim``, ``--deg`` change
-them), 65,536 tokens per call (batch = 65,536 / t; ``--tokens``), gated (``logsigmoid(randn + 4)``), modes fwd
-and fwd+bwd; t = 256k and 1M at batch 1 for our kernels only; decode time per token per layer at
-batch 1 and 64. Each timed result is checked against the float64 reference on a slice first.
-Median of ``triton.testing.do_bench``. The chunk-size timings of each new shape bucket are
-printed as they are taken; with ``POWER_RETENTION_ATTENTION_FORM=1`` calls of short sequences
-may take the attention form (chunk ``attn``, FLOPs counted as causal attention's).
+them), 65,536 tokens per call (batch = 65,536 / t; ``--tokens``), gated (``logsigmoid(randn +
+4)``), modes fwd and fwd+bwd; t = 256k and 1M at batch 1 for our kernels only; decode time per
+token per layer at batch 1 and 64. Each timed result is checked against the float64 reference
+on a slice first. Median of ``triton.testing.do_bench``. The chunk-size timings of each new
+shape bucket are printed as they are taken; with ``POWER_RETENTION_ATTENTION_FORM=1`` calls of
+short sequences may take the attention form (chunk ``attn``, FLOPs counted as causal
+attention's).
 """
 
 from __future__ import annotations

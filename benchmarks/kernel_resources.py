@@ -69,7 +69,9 @@ def signature(fn, dtype: torch.dtype, constexprs: dict, states: torch.dtype) -> 
             sig[name] = "*fp64"
         elif name in INPUTS or (name == "y" and not constexprs.get("REVERSE")):
             sig[name] = "*" + TRITON_TYPES[dtype]    # the forward scan's y is v
-        elif name in ("states", "dstates", "dy") or (name == "y" and constexprs.get("REVERSE")):
+        elif name == "dy":                          # bf16 for the bf16 products, else fp32
+            sig[name] = "*bf16" if constexprs.get("BF16") else "*fp32"
+        elif name in ("states", "dstates") or (name == "y" and constexprs.get("REVERSE")):
             sig[name] = "*" + states
         else:
             sig[name] = "*fp32"
@@ -121,10 +123,10 @@ def loop_ops(ttgir: str) -> dict[str, int]:
     return found
 
 
-def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks, deg: int):
+def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks, deg: int, gated: bool = True):
     """``(kernel, constexprs)`` for every kernel as host.py launches it."""
     feat = host._features(d, deg, torch.device("cpu"))
-    flags = {**host._flags(dtype, d, e, deg), "USE_GATE": True}
+    flags = {**host._flags(dtype, d, e, deg), "USE_GATE": gated}
     tiling = {"BD": host.BD, "KP": host.KP, "NB": d // host.BD, "NT": feat.NT}
     if deg == 2:                                   # no tables: None arguments are constexprs
         tiling.update(index=None, coefs=None)
@@ -153,7 +155,7 @@ def cases(dtype: torch.dtype, d: int, e: int, chunks, blocks, deg: int):
                                            PREC=flags["PREC"])
     # the attention form: blocks of queries (keys for dkv), the other side a step at a time
     block, step = host._attention_blocks(dtype, d, e)
-    attention = dict(DK=d, EP=EP, USE_GATE=True, **host._attention_flags(dtype, d, e, deg))
+    attention = dict(DK=d, EP=EP, USE_GATE=gated, **host._attention_flags(dtype, d, e, deg))
     yield kernels.attention_fwd_kernel, dict(BM=block, BN=step, LOW=low, **attention)
     yield kernels.attention_dq_kernel, dict(BM=block, BN=step, **attention)
     yield kernels.attention_dkv_kernel, dict(BM=step, BN=block, GROUPS=1, **attention)
@@ -196,14 +198,17 @@ def main() -> None:
     parser.add_argument("--maxnreg", type=int, default=None,
                         help="cap on registers per thread (as triton.Config's maxnreg)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--ungated", action="store_true",
+                        help="the kernels as calls without gates launch them")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     target = GPUTarget("cuda", args.arch, 32)
     print(f"{args.dtype}, p = {args.deg}, d = {args.d}, e = {args.e}, sm_{args.arch}, "
-          f"{args.stages} stages")
+          f"{args.stages} stages{', ungated' if args.ungated else ''}")
     print(f"{'kernel':<20} {'C':>4} {'BE':>3} {'warps':>5} {'regs':>5} {'stack B':>8} "
           f"{'smem KiB':>9} {'loop loads async/plain':>23} {'loop products/full waits':>25}")
-    for fn, constexprs in cases(dtype, args.d, args.e, args.chunks, args.blocks, args.deg):
+    for fn, constexprs in cases(dtype, args.d, args.e, args.chunks, args.blocks, args.deg,
+                                not args.ungated):
         for warps in args.warps:
             sig = signature(fn, dtype, constexprs,
                             host._state_dtype(dtype, args.d, args.e, args.deg))

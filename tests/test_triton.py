@@ -156,9 +156,10 @@ def test_interpreted_kernels_match_reference(interpreted, case):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype, deg, d", [("bfloat16", 2, 64), ("float32", 2, 64),
-                                          ("float16", 4, 32)])
-def test_kernels_compile_for_hopper(dtype, deg, d):
+@pytest.mark.parametrize("dtype, deg, d, gates", [("bfloat16", 2, 64, []), ("float32", 2, 64, []),
+                                                 ("float16", 4, 32, []),
+                                                 ("bfloat16", 2, 64, ["--ungated"])])
+def test_kernels_compile_for_hopper(dtype, deg, d, gates):
     """Every kernel compiles for sm_90 without a GPU (Triton carries ptxas), so a kernel that
     the interpreter runs but the compiler rejects fails here, not on the device; the report
     reads each kernel's registers from the cubin, and the loads that Triton prefetches in each
@@ -170,7 +171,7 @@ def test_kernels_compile_for_hopper(dtype, deg, d):
     result = subprocess.run(
         [sys.executable, str(HERE.parent / "benchmarks" / "kernel_resources.py"), "--dtype", dtype,
          "--deg", str(deg), "--d", str(d), "--e", str(d), "--chunks", "64", "--blocks", "64",
-         "--warps", "8"],
+         "--warps", "8", *gates],
         env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
