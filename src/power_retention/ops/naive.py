@@ -66,12 +66,15 @@ def attention_reference(q, k, v, log_gate=None, *, deg=2, scale=None, initial_st
     Hk = k.shape[2]
     groups = Hq // Hk
     scale = d ** -0.5 if scale is None else scale
-    G = (torch.zeros(B, T, Hk, dtype=q.dtype, device=q.device) if log_gate is None
-         else log_gate.to(q.dtype)).cumsum(1)                      # [B, T, Hk]
+    # cumulative log-gates in float64 whatever the inputs' dtype: with strong gates they are
+    # large and close, and their differences are the decays
+    G = (torch.zeros(B, T, Hk, dtype=torch.float64, device=q.device) if log_gate is None
+         else log_gate.double()).cumsum(1)                         # [B, T, Hk]
     Gq = _expand_kv(G.unsqueeze(-1), groups).squeeze(-1)           # [B, T, Hq]
     kq, vq = _expand_kv(k, groups), _expand_kv(v, groups)
     scores = torch.einsum("bihd,bjhd->bhij", scale * q, kq) ** deg
-    decay = Gq.transpose(1, 2).unsqueeze(-1) - Gq.transpose(1, 2).unsqueeze(-2)   # G_i - G_j
+    decay = (Gq.transpose(1, 2).unsqueeze(-1)
+             - Gq.transpose(1, 2).unsqueeze(-2)).to(q.dtype)       # G_i - G_j
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     w = scores * torch.exp(decay.masked_fill(~causal, float("-inf")))
     num = torch.einsum("bhij,bjhe->bihe", w, vq)
@@ -80,17 +83,18 @@ def attention_reference(q, k, v, log_gate=None, *, deg=2, scale=None, initial_st
         phi_q = sympow_embed(scale * q, deg)                       # [B, T, Hq, D]
         S0 = _expand_kv(initial_state.S.to(q.dtype).transpose(1, 2), groups)   # [B, D, Hq, e]
         z0 = _expand_kv(initial_state.z.to(q.dtype).transpose(1, 2), groups)   # [B, D, Hq]
-        start = torch.exp(Gq)
+        start = torch.exp(Gq.to(q.dtype))
         num = num + start.unsqueeze(-1) * torch.einsum("bthD,bDhe->bthe", phi_q, S0)
         den = den + start * torch.einsum("bthD,bDh->bth", phi_q, z0)
     o = num / torch.where(den == 0, 1, den).unsqueeze(-1)
 
-    to_end = torch.exp(G[:, -1:] - G) if T else G                   # [B, T, Hk]
+    to_end = torch.exp((G[:, -1:] - G).to(q.dtype))                 # [B, T, Hk]
     phi_k = sympow_embed(k, deg) * to_end.unsqueeze(-1)
     S = torch.einsum("bthD,bthe->bhDe", phi_k, v)
     z = phi_k.sum(1)
     if initial_state is not None:
-        total = torch.exp(G[:, -1]) if T else torch.ones(B, Hk, dtype=q.dtype, device=q.device)
+        total = (torch.exp(G[:, -1].to(q.dtype)) if T
+                 else torch.ones(B, Hk, dtype=q.dtype, device=q.device))
         S = S + total[..., None, None] * initial_state.S.to(q.dtype)
         z = z + total[..., None] * initial_state.z.to(q.dtype)
     return o, RetentionState(S, z)
